@@ -1,0 +1,202 @@
+"""The shard format: sample schema, manifest and shard names (docs/FORMAT.md is the prose of this file).
+
+A sample is a group of tar members sharing a key. A conversation sample has a ``json`` member holding the
+turns and the ordered image references, and one member per image (``KEY.0.jpg``, ``KEY.1.png``, ...).
+img2dataset-style caption samples (``KEY.jpg`` + ``KEY.txt``) are read as they are, with no conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+FORMAT_NAME = "vlmstream-shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "index.json"
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = ("system", "user", "assistant")
+# Extensions that hold encoded images, by the name of their last dotted part ("0.jpg" -> "jpg").
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+# Pillow's format name -> the extension we store it under.
+PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif"}
+
+
+class FormatError(ValueError):
+    """A sample, record or manifest that breaks the format; the message says what and where."""
+
+
+@dataclass
+class Conversation:
+    """Turns plus the image members they refer to, in placeholder order."""
+
+    messages: list[dict[str, str]]
+    images: list[str] = field(default_factory=list)  # member extensions, e.g. ["0.jpg", "1.png"]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"messages": self.messages, "images": self.images}
+        if self.meta:
+            out["meta"] = self.meta
+        return out
+
+
+def is_image_ext(ext: str) -> bool:
+    return ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
+
+
+def validate_conversation(conv: Conversation) -> None:
+    """Raise FormatError unless the turns are well formed and placeholders match images one to one."""
+    if not conv.messages:
+        raise FormatError("empty conversation")
+    placeholders = 0
+    for i, m in enumerate(conv.messages):
+        if not isinstance(m, Mapping) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
+            raise FormatError(f"turn {i}: expected {{'role', 'content'}}, got {m!r:.80}")
+        if m["role"] not in ROLES:
+            raise FormatError(f"turn {i}: unknown role {m['role']!r}")
+        if not isinstance(m["content"], str):
+            raise FormatError(f"turn {i}: content must be a string")
+        placeholders += m["content"].count(IMAGE_PLACEHOLDER)
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in conv.messages):
+        raise FormatError("no assistant answer")
+    if placeholders != len(conv.images):
+        raise FormatError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(conv.images)} images")
+    if len(set(conv.images)) != len(conv.images):
+        raise FormatError(f"duplicate image references {conv.images}")
+
+
+def conversation_from_sample(sample: Mapping[str, Any]) -> Conversation:
+    """Read a streamed sample's conversation: our ``json`` schema, or an img2dataset caption sample.
+
+    A caption sample (one image member, a ``txt`` caption) becomes a user turn holding only the image and an
+    assistant turn holding the caption; its optional ``json`` metadata lands in ``meta``.
+    """
+    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    raw = sample.get("json")
+    doc = None
+    if raw is not None:
+        try:
+            doc = json.loads(raw) if isinstance(raw, (bytes, bytearray, str)) else raw
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"{where}: invalid json member: {e}") from None
+    if isinstance(doc, Mapping) and "messages" in doc:
+        conv = Conversation(list(doc["messages"]), list(doc.get("images", [])), dict(doc.get("meta", {})))
+        missing = [e for e in conv.images if e not in sample]
+        if missing:
+            raise FormatError(f"{where}: image members {missing} referenced but not in the sample")
+    else:
+        images = sorted(k for k in sample if not k.startswith("__") and is_image_ext(k))
+        if len(images) != 1 or "txt" not in sample:
+            raise FormatError(f"{where}: neither a conversation (json with messages) nor a caption (image + txt)")
+        try:
+            caption = _text(sample["txt"])
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{where}: txt is not UTF-8: {e}") from None
+        conv = Conversation(
+            [{"role": "user", "content": IMAGE_PLACEHOLDER}, {"role": "assistant", "content": caption.strip()}],
+            images,
+            dict(doc) if isinstance(doc, Mapping) else {},
+        )
+    try:
+        validate_conversation(conv)
+    except FormatError as e:
+        raise FormatError(f"{where}: {e}") from None
+    return conv
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else v
+
+
+# ---------------------------------------------------------------------------------------------- shard names
+
+
+def shard_name(prefix: str, index: int, job: int | None = None) -> str:
+    """``prefix-000042.tar``, or ``prefix-j0003-000042.tar`` for job 3 of a multi-job pack."""
+    job_part = "" if job is None else f"-j{job:04d}"
+    return f"{prefix}{job_part}-{index:06d}.tar"
+
+
+def job_manifest_name(job: int) -> str:
+    return f"index.j{job:04d}.json"
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+
+
+@dataclass
+class ShardInfo:
+    url: str  # relative to the manifest's own location, or absolute
+    samples: int
+    bytes: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"url": self.url, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
+
+
+def manifest_json(shards: Iterable[ShardInfo], **meta: Any) -> dict[str, Any]:
+    shards = list(shards)
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "samples": sum(s.samples for s in shards),
+        "bytes": sum(s.bytes for s in shards),
+        "num_shards": len(shards),
+        **meta,
+        "shards": [s.to_json() for s in shards],
+    }
+
+
+def write_manifest(path: str, shards: Iterable[ShardInfo], **meta: Any) -> dict[str, Any]:
+    """Write atomically (temp file + rename) so a reader never sees half a manifest."""
+    doc = manifest_json(shards, **meta)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return doc
+
+
+def parse_manifest(doc: Mapping[str, Any], where: str = "manifest") -> list[ShardInfo]:
+    """Validate a manifest document and return its shards."""
+    if doc.get("format") != FORMAT_NAME:
+        raise FormatError(f"{where}: not a {FORMAT_NAME} manifest (format={doc.get('format')!r})")
+    if doc.get("version") != FORMAT_VERSION:
+        raise FormatError(f"{where}: manifest version {doc.get('version')!r}, this vlmstream reads {FORMAT_VERSION}")
+    try:
+        shards = [ShardInfo(s["url"], int(s["samples"]), int(s["bytes"]), s["sha256"]) for s in doc["shards"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{where}: bad shard entry: {e!r}") from None
+    if sum(s.samples for s in shards) != doc.get("samples"):
+        raise FormatError(f"{where}: total samples {doc.get('samples')} != sum over shards")
+    return shards
+
+
+def read_manifest(path: str) -> tuple[dict[str, Any], list[ShardInfo]]:
+    with open(path) as f:
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{path}: invalid JSON: {e}") from None
+    return doc, parse_manifest(doc, path)
+
+
+def merge_manifests(paths: list[str], out_path: str) -> dict[str, Any]:
+    """Join job manifests into one; shard URLs are rewritten relative to ``out_path``'s folder."""
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    shards: list[ShardInfo] = []
+    seen: dict[str, str] = {}
+    for p in paths:
+        _, part = read_manifest(p)
+        base = os.path.dirname(os.path.abspath(p))
+        for s in part:
+            url = s.url if "://" in s.url else os.path.relpath(os.path.join(base, s.url), out_dir)
+            if url in seen:
+                raise FormatError(f"{p}: shard {url} is already listed by {seen[url]}")
+            seen[url] = p
+            shards.append(ShardInfo(url, s.samples, s.bytes, s.sha256))
+    return write_manifest(out_path, shards, merged_from=[os.path.relpath(p, out_dir) for p in paths])
