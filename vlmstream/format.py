@@ -3,6 +3,20 @@
 A sample is a group of tar members sharing a key. A conversation sample has a ``json`` member holding the
 turns and the ordered image references, and one member per image (``KEY.0.jpg``, ``KEY.1.png``, ...).
 img2dataset-style caption samples (``KEY.jpg`` + ``KEY.txt``) are read as they are, with no conversion.
+
+What the packer (``tools/pack_shards.py``) writes, exactly:
+
+- key: ``sample_key(i)``, the record's global index over all inputs in the order given, nine digits; records
+  that were rejected keep their index, so keys can have gaps but never depend on how the pack was split.
+- members, in this order: ``KEY.json`` (``encode_conversation``: UTF-8, sorted keys, no whitespace), then
+  ``KEY.0.<ext>``, ``KEY.1.<ext>``, ... in placeholder order, ``ext`` from the format sniffed in the bytes
+  (``PIL_FORMAT_EXT``), never from the input file name.
+- ``meta``: ``source`` (the input path as given to the packer), ``position`` (0-based record index in that
+  input), ``line`` (1-based line number, JSONL inputs only), then the record's own fields that are not part
+  of the conversation (``id``, dataset ``source``, ...). A record field whose name collides with one of
+  ``META_PROVENANCE`` is stored as ``record_<name>``.
+- tar headers: ustar (pax only where a name needs it), mtime 0, uid/gid 0, empty uname/gname, mode 0o644;
+  the archive ends with two zero blocks, padded to a multiple of 10240 bytes like tarfile and GNU tar.
 """
 
 from __future__ import annotations
@@ -21,6 +35,12 @@ ROLES = ("system", "user", "assistant")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 # Pillow's format name -> the extension we store it under.
 PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif"}
+
+
+# Keys the packer puts in ``meta`` to say where a sample came from; a record's own fields never override them.
+META_PROVENANCE = ("source", "position", "line")
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # archives are padded to whole records of 20 blocks, as tarfile and GNU tar do
 
 
 class FormatError(ValueError):
@@ -65,6 +85,33 @@ def validate_conversation(conv: Conversation) -> None:
         raise FormatError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(conv.images)} images")
     if len(set(conv.images)) != len(conv.images):
         raise FormatError(f"duplicate image references {conv.images}")
+
+
+def encode_conversation(conv: Conversation) -> bytes:
+    """The ``json`` member's bytes: one canonical encoding, so that equal conversations give equal shards."""
+    return json.dumps(conv.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def sample_key(index: int) -> str:
+    """``000000042``: the key of the record with this global index."""
+    if index < 0:
+        raise ValueError(f"negative sample index {index}")
+    return f"{index:09d}"
+
+
+def image_member(index: int, pil_format: str) -> str:
+    """``1.png``: the member extension of a conversation's index-th image, named after its real format."""
+    try:
+        return f"{index}.{PIL_FORMAT_EXT[pil_format]}"
+    except KeyError:
+        raise FormatError(f"unsupported image format {pil_format!r} (supported: {sorted(PIL_FORMAT_EXT)})") from None
+
+
+def sample_members(conv: Conversation, images: list[bytes]) -> list[tuple[str, bytes]]:
+    """The members of a conversation sample, in their tar order: ``json`` first, then the images in order."""
+    if len(images) != len(conv.images):
+        raise FormatError(f"{len(conv.images)} image references but {len(images)} images")
+    return [("json", encode_conversation(conv)), *zip(conv.images, images)]
 
 
 def conversation_from_sample(sample: Mapping[str, Any]) -> Conversation:
@@ -121,6 +168,11 @@ def shard_name(prefix: str, index: int, job: int | None = None) -> str:
 
 def job_manifest_name(job: int) -> str:
     return f"index.j{job:04d}.json"
+
+
+def rejects_name(job: int | None = None) -> str:
+    """``rejects.jsonl``, or ``rejects.j0003.jsonl`` for job 3: one JSON line per record that was not packed."""
+    return "rejects.jsonl" if job is None else f"rejects.j{job:04d}.jsonl"
 
 
 # ------------------------------------------------------------------------------------------------ manifest
