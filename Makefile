@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 
 # Debian packages the tests use: nginx serves shards over HTTP on loopback, GNU tar writes interop shards.
 system-deps:
-	@command -v nginx >/dev/null 2>&1 && command -v tar >/dev/null 2>&1 || \
+	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 && command -v tar >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx tar >/dev/null; }
 
 test: $(STAMP) system-deps

@@ -8,9 +8,11 @@ and every rank can compute every other rank's share (for equal per-rank counts) 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 import numpy as np
+
+from .pipeline import Context
 
 T = TypeVar("T")
 
@@ -93,3 +95,107 @@ def split_quota(quota: int, counts: Sequence[int]) -> list[int]:
     for i in order[: quota - sum(shares)]:
         shares[i] += 1
     return shares
+
+
+# --------------------------------------------------------------------------------------------------- stages
+
+
+def _compose(item: dict[str, Any], part: SampleSlice) -> dict[str, Any]:
+    """Narrow an item's sample filter: keep index % step == offset, then every part.step-th of those."""
+    off, step = item.get("sample_offset", 0), item.get("sample_step", 1)
+    return {**item, "sample_offset": off + part.offset * step, "sample_step": step * part.step}
+
+
+def _split(items: list[dict[str, Any]], part: int, parts: int, samples: bool, what: str) -> list[dict[str, Any]]:
+    if len(items) >= parts or not samples:
+        if len(items) < parts:
+            raise ValueError(
+                f"{len(items)} shards for {parts} {what}: some would get nothing. Use fewer {what}, more "
+                f"(smaller) shards, or sample-level splitting (samples=True)"
+            )
+        return strided(items, part, parts)
+    return [_compose(items[s.shard], s) for s in sample_slices(len(items), part, parts)]
+
+
+def _known_samples(items: Sequence[dict[str, Any]]) -> list[int]:
+    counts = [it.get("samples") for it in items]
+    if any(c is None for c in counts):
+        raise ValueError("equal per-rank counts need each shard's sample count: give the shards as a manifest")
+    return [c // it.get("sample_step", 1) + (it.get("sample_offset", 0) < c % it.get("sample_step", 1))
+            for c, it in zip(counts, items)]
+
+
+class split_by_node:
+    """Keep this rank's shards. Rank and world size come from the pipeline unless given here.
+
+    ``equalize="pad"|"drop"`` makes every rank yield the same number of samples (needs a manifest's counts):
+    ranks with fewer repeat samples ("pad"), or ranks with more stop early ("drop"); counted in the stats.
+    ``samples=True`` allows fewer shards than ranks: such shards are read by several ranks, each keeping
+    every n-th sample.
+    """
+
+    def __init__(self, rank: int | None = None, world_size: int | None = None, *,
+                 equalize: str | None = None, samples: bool = False):
+        if equalize is not None:
+            equal_quota([], equalize)  # validates the policy name
+        self.rank, self.world_size, self.equalize, self.samples = rank, world_size, equalize, samples
+        self.ctx = Context()
+
+    def bind(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def where(self) -> tuple[int, int]:
+        rank = self.ctx.rank if self.rank is None else self.rank
+        world = self.ctx.world_size if self.world_size is None else self.world_size
+        return rank, world
+
+    def __call__(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        items = list(it)
+        rank, world = self.where()
+        mine = _split(items, rank, world, self.samples, "ranks")
+        if self.equalize is not None:
+            totals = [sum(_known_samples(_split(items, r, world, self.samples, "ranks"))) for r in range(world)]
+            quota = equal_quota(totals, self.equalize)
+            mine = [{**m, "quota": quota, "quota_policy": self.equalize} for m in mine]
+        yield from ({**m, "node_split": True} for m in mine)
+
+
+class split_by_worker:
+    """Keep this DataLoader worker's shards (of this rank's). ``samples=True`` as in split_by_node."""
+
+    def __init__(self, *, samples: bool = False):
+        self.samples = samples
+        self.ctx = Context()
+
+    def bind(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def __call__(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        items = list(it)
+        w, n = self.ctx.worker, self.ctx.num_workers
+        mine = _split(items, w, n, self.samples, "workers of this rank")
+        if items and "quota" in items[0]:
+            per_worker = [sum(_known_samples(_split(items, k, n, self.samples, "workers"))) for k in range(n)]
+            quota = split_quota(items[0]["quota"], per_worker)[w]
+            mine = [{**m, "quota": quota} for m in mine]
+        yield from ({**m, "worker_split": True} for m in mine)
+
+
+class take:
+    """Stop after n items per rank, shared evenly among DataLoader workers (e.g. batches per epoch in
+    resampled, endless mode, so that every rank takes the same number of steps)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.ctx = Context()
+
+    def bind(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def __call__(self, it: Iterator[Any]) -> Iterator[Any]:
+        w, workers = self.ctx.worker, self.ctx.num_workers
+        share = self.n // workers + (w < self.n % workers)
+        for i, x in enumerate(it):
+            if i >= share:
+                return
+            yield x

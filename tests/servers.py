@@ -1,0 +1,202 @@
+"""Real servers on loopback for the tests: nginx (Range, keep-alive) and a fault-injecting stdlib server."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+class Nginx:
+    """nginx serving `root` on a free loopback port; `requests()` counts requests per path from its log."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.prefix = tempfile.mkdtemp(prefix="vlms-nginx-")
+        self.port = free_port()
+        self.log = os.path.join(self.prefix, "access.log")
+        os.makedirs(os.path.join(self.prefix, "logs"), exist_ok=True)
+        user = "user root;" if os.geteuid() == 0 else ""  # workers must read the test's private tmp dirs
+        conf = f"""
+{user}
+worker_processes 1;
+pid {self.prefix}/nginx.pid;
+error_log {self.prefix}/error.log;
+events {{ worker_connections 256; }}
+http {{
+  log_format conn '$connection "$request" $status';
+  access_log {self.log} conn;
+  client_body_temp_path {self.prefix}; proxy_temp_path {self.prefix}; fastcgi_temp_path {self.prefix};
+  uwsgi_temp_path {self.prefix}; scgi_temp_path {self.prefix};
+  keepalive_requests 10000;
+  types {{ application/json json; application/x-tar tar; }}
+  server {{
+    listen 127.0.0.1:{self.port};
+    root {self.root};
+    location / {{ }}
+  }}
+}}
+"""
+        self.conf = os.path.join(self.prefix, "nginx.conf")
+        with open(self.conf, "w") as f:
+            f.write(conf)
+        self.proc = subprocess.Popen([NGINX, "-p", self.prefix, "-c", self.conf, "-g", "daemon off;"],
+                                     stderr=subprocess.PIPE)
+        wait_port(self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def requests(self) -> Counter:
+        time.sleep(0.1)  # nginx writes the log line after the response
+        counts: Counter = Counter()
+        with open(self.log) as f:
+            for line in f:
+                m = re.search(r'"GET (\S+) HTTP', line)
+                if m:
+                    counts[m.group(1)] += 1
+        return counts
+
+    def connections(self) -> int:
+        """Distinct TCP connections seen so far (keep-alive reuses one for many requests)."""
+        time.sleep(0.1)
+        with open(self.log) as f:
+            return len({line.split()[0] for line in f if line.strip()})
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        shutil.rmtree(self.prefix, ignore_errors=True)
+
+
+@dataclass
+class Fault:
+    """What the server does to one request (the n-th to a path, counting from 0)."""
+
+    status: int | None = None  # answer with this status and no body
+    retry_after: str | None = None
+    cut_at: int | None = None  # send this many body bytes, then reset the connection
+    short_by: int | None = None  # claim the full Content-Length, send fewer bytes, close
+    stall: float | None = None  # sleep this long before sending the body
+    ignore_range: bool = False  # answer 200 with the whole body even when a Range was asked
+
+
+@dataclass
+class FaultPlan:
+    """Faults by (path, request number); `log` records (path, range start, status) of every request."""
+
+    faults: dict[tuple[str, int], Fault] = field(default_factory=dict)
+    log: list[tuple[str, int, int]] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def next(self, path: str) -> Fault | None:
+        with self.lock:
+            n = self.counts[path]
+            self.counts[path] += 1
+            return self.faults.get((path, n))
+
+
+def _handler(root: str, plan: FaultPlan) -> type:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            fault = plan.next(path)
+            file = os.path.join(root, path.lstrip("/"))
+            if not os.path.isfile(file):
+                plan.log.append((path, 0, 404))
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            with open(file, "rb") as f:
+                body = f.read()
+            start = 0
+            m = re.match(r"bytes=(\d+)-", self.headers.get("Range", ""))
+            if m and not (fault and fault.ignore_range):
+                start = int(m.group(1))
+            if fault and fault.status:
+                plan.log.append((path, start, fault.status))
+                self.send_response(fault.status)
+                if fault.retry_after:
+                    self.send_header("Retry-After", fault.retry_after)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = 206 if start else 200
+            plan.log.append((path, start, status))
+            part = body[start:]
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(part)))
+            self.send_header("ETag", '"v1"')
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self.end_headers()
+            if fault and fault.stall:
+                time.sleep(fault.stall)
+            if fault and fault.cut_at is not None:
+                self.wfile.write(part[: fault.cut_at])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            if fault and fault.short_by:
+                self.wfile.write(part[: max(0, len(part) - fault.short_by)])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(part)
+
+    return Handler
+
+
+@contextlib.contextmanager
+def fault_server(root: str, plan: FaultPlan | None = None) -> Iterator[tuple[str, FaultPlan]]:
+    plan = plan or FaultPlan()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(root, plan))
+    server.daemon_threads = True
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", plan
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def no_sleep(_: float) -> None:
+    """A FetchOptions.sleep that records nothing and waits for nothing (tests stay fast)."""
+
+
+Sleeps = Callable[[float], None]

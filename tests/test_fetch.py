@@ -1,0 +1,196 @@
+"""fetch: local files, nginx over HTTP, and every fault path against a fault-injecting server."""
+
+import os
+import threading
+
+import pytest
+
+from servers import Fault, FaultPlan, Nginx, fault_server, no_sleep
+from vlmstream.fetch import FetchError, FetchOptions, ShardCache, fetch, open_url, redact
+
+SIZE = 3_000_000
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blobs")
+    data = {}
+    for i in range(4):
+        b = os.urandom(SIZE + i * 1000)
+        (root / f"s{i}.tar").write_bytes(b)
+        data[f"s{i}.tar"] = b
+    return root, data
+
+
+@pytest.fixture(scope="module")
+def nginx(blobs):
+    srv = Nginx(str(blobs[0]))
+    yield srv
+    srv.close()
+
+
+def fetched(stage, urls):
+    out = []
+    for item in stage(iter([{"url": u} for u in urls])):
+        with item["stream"] as f:
+            out.append(f.read())
+    return out
+
+
+def opts(**kw):
+    return FetchOptions(sleep=no_sleep, **kw)
+
+
+def test_local_paths_and_file_urls(blobs):
+    root, data = blobs
+    assert fetched(fetch(prefetch=0), [str(root / "s0.tar"), f"file://{root}/s1.tar"]) == [data["s0.tar"], data["s1.tar"]]
+    with pytest.raises(FetchError, match="s9.tar"):
+        open_url(str(root / "s9.tar"))
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_nginx_streams_every_byte_over_one_keepalive_connection(blobs, nginx, prefetch):
+    root, data = blobs
+    before = nginx.connections()
+    stage = fetch(prefetch=prefetch)
+    names = sorted(data)
+    assert fetched(stage, [f"{nginx.url}/{n}" for n in names]) == [data[n] for n in names]
+    assert stage.stats.requests == 4 and stage.stats.retries == 0
+    assert nginx.connections() - before == 1
+
+
+def test_range_resume_after_a_cut_connection(blobs):
+    root, data = blobs
+    plan = FaultPlan({("/s0.tar", 0): Fault(cut_at=1_234_567), ("/s0.tar", 1): Fault(cut_at=1_000_000)})
+    with fault_server(str(root), plan) as (url, plan):
+        stage = fetch(prefetch=0, options=opts())
+        assert fetched(stage, [f"{url}/s0.tar"]) == [data["s0.tar"]]
+    assert [(p, start) for p, start, _ in plan.log] == [("/s0.tar", 0), ("/s0.tar", 1_234_567), ("/s0.tar", 2_234_567)]
+    assert stage.stats.resumed == 2 and stage.stats.retries == 2
+
+
+def test_nginx_honours_range_for_resume(blobs, nginx):
+    from vlmstream.fetch import HTTPClient, FetchStats, HTTPStream
+
+    root, data = blobs
+    s = HTTPStream(f"{nginx.url}/s1.tar", HTTPClient(opts(), FetchStats()))
+    head = s.read(1000)
+    s._drop()  # as if the connection broke here
+    assert head + s.read() == data["s1.tar"]
+
+
+def test_5xx_bursts_and_429_retry_after(blobs):
+    root, data = blobs
+    waits = []
+    plan = FaultPlan({
+        ("/s1.tar", 0): Fault(status=503), ("/s1.tar", 1): Fault(status=502), ("/s1.tar", 2): Fault(status=500),
+        ("/s2.tar", 0): Fault(status=429, retry_after="7"),
+    })
+    with fault_server(str(root), plan) as (url, plan):
+        stage = fetch(prefetch=0, options=FetchOptions(sleep=waits.append, backoff=0.01))
+        assert fetched(stage, [f"{url}/s1.tar", f"{url}/s2.tar"]) == [data["s1.tar"], data["s2.tar"]]
+    assert stage.stats.retries == 4
+    assert waits[-1] == 7.0 and all(w <= 0.01 * 4 for w in waits[:3])
+
+
+def test_stall_longer_than_read_timeout_is_retried(blobs):
+    root, data = blobs
+    plan = FaultPlan({("/s0.tar", 0): Fault(stall=1.5)})
+    with fault_server(str(root), plan) as (url, plan):
+        stage = fetch(prefetch=0, options=opts(read_timeout=0.3))
+        assert fetched(stage, [f"{url}/s0.tar"]) == [data["s0.tar"]]
+    assert stage.stats.retries == 1
+
+
+def test_short_body_and_server_ignoring_range(blobs):
+    root, data = blobs
+    plan = FaultPlan({("/s3.tar", 0): Fault(short_by=100_000), ("/s3.tar", 1): Fault(ignore_range=True, cut_at=2_950_000),
+                      ("/s3.tar", 2): Fault(ignore_range=True)})
+    with fault_server(str(root), plan) as (url, plan):
+        stage = fetch(prefetch=2, options=opts())
+        assert fetched(stage, [f"{url}/s3.tar"]) == [data["s3.tar"]]
+    assert [status for *_, status in plan.log] == [200, 200, 200]
+    assert stage.stats.retries == 2
+
+
+def test_not_found_fails_at_once_naming_the_url(blobs):
+    root, _ = blobs
+    with fault_server(str(root)) as (url, plan):
+        with pytest.raises(FetchError, match=r"/nope.tar: HTTP 404"):
+            fetched(fetch(prefetch=0, options=opts()), [f"{url}/nope.tar"])
+    assert len(plan.log) == 1
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_retries_exhausted_is_a_clear_error(blobs, prefetch):
+    root, _ = blobs
+    plan = FaultPlan({("/s0.tar", i): Fault(status=503) for i in range(10)})
+    with fault_server(str(root), plan) as (url, plan):
+        with pytest.raises(FetchError, match=r"s0.tar: gave up after 4 attempts .*HTTP 503"):
+            fetched(fetch(prefetch=prefetch, options=opts(retries=3)), [f"{url}/s0.tar"])
+
+
+def test_pipe_urls_need_explicit_permission(blobs):
+    root, data = blobs
+    with pytest.raises(FetchError, match="allow_pipe"):
+        open_url(f"pipe:cat {root}/s0.tar")
+    assert fetched(fetch(prefetch=0, allow_pipe=True), [f"pipe:cat {root}/s0.tar"]) == [data["s0.tar"]]
+
+
+def test_credentials_never_appear_in_errors(blobs):
+    root, _ = blobs
+    assert redact("https://user:pw@host/a.tar?token=abc&x=1") == "https://host/a.tar?token=***&x=1"
+    with fault_server(str(root)) as (url, _):
+        secret_url = url.replace("http://", "http://alice:s3cret@") + "/nope.tar?sig=XYZ"
+        stage = fetch(prefetch=0, headers={"Authorization": "Bearer hf_SECRET"}, options=opts())
+        with pytest.raises(FetchError) as e:
+            fetched(stage, [secret_url])
+    msg = str(e.value)
+    assert "s3cret" not in msg and "XYZ" not in msg and "hf_SECRET" not in msg and "nope.tar" in msg
+
+
+def test_read_ahead_is_bounded_in_bytes_and_survives_early_close(blobs):
+    root, data = blobs
+    stage = fetch(prefetch=3, prefetch_bytes=1 << 20, options=opts(chunk=256 << 10))
+    items = stage(iter([{"url": str(root / n)} for n in sorted(data)]))
+    first = next(items)
+    first["stream"].read(10)
+    first["stream"].close()  # abandon the rest of this shard
+    second = next(items)
+    assert second["stream"].read() == data["s1.tar"]
+    items.close()
+    assert not [t for t in threading.enumerate() if t.name == "vlmstream-fetch" and t.is_alive()]
+
+
+def test_cache_keeps_shards_for_later_epochs_bounded_and_lru(blobs, nginx, tmp_path):
+    root, data = blobs
+    cache_dir = tmp_path / "cache"
+    urls = [f"{nginx.url}/{n}" for n in sorted(data)]
+    stage = fetch(prefetch=0, cache=str(cache_dir), cache_bytes=2 * SIZE + 5000)
+    assert fetched(stage, urls[:2]) == [data["s0.tar"], data["s1.tar"]]
+    names = sorted(os.listdir(cache_dir))
+    assert all(len(n) == 64 + 4 and "s0" not in n for n in names if n.endswith(".tar")), names
+    assert fetched(stage, urls[:2]) == [data["s0.tar"], data["s1.tar"]]
+    assert stage.stats.cache_hits == 2
+    fetched(stage, urls[2:3])  # over the bound: the least recently used shard goes
+    cache = ShardCache(str(cache_dir), 0)
+    assert cache.get(urls[2]) and not cache.get(urls[0]) and cache.get(urls[1])
+
+
+def test_cache_never_publishes_a_partial_shard(blobs, nginx, tmp_path):
+    root, _ = blobs
+    stage = fetch(prefetch=0, cache=str(tmp_path / "c"))
+    item = next(stage(iter([{"url": f"{nginx.url}/s0.tar"}])))
+    item["stream"].read(1000)
+    item["stream"].close()
+    assert os.listdir(tmp_path / "c") == []
+
+
+def test_workers_without_split_by_worker_is_an_error(blobs):
+    from vlmstream.pipeline import Context
+
+    root, _ = blobs
+    stage = fetch(prefetch=0)
+    stage.bind(Context(num_workers=2))
+    with pytest.raises(ValueError, match="split_by_worker"):
+        next(stage(iter([{"url": str(root / "s0.tar")}])))

@@ -1,0 +1,134 @@
+"""`vs.decode(...)`: turn a sample's bytes into images, JSON and text, only where asked.
+
+An image transform says what an image becomes (a PIL image, a uint8 or float tensor, tiles) and, through
+``draft_size``, how small a JPEG may be decoded: Pillow's draft mode lets libjpeg scale by 1/2, 1/4 or 1/8
+while decoding, which is several times faster when the target is much smaller than the photo.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .format import is_image_ext
+
+
+class DecodeError(ValueError):
+    """A member could not be decoded; the message names shard, key, member and reason."""
+
+
+class ImageTransform(Protocol):
+    def __call__(self, im: Image.Image) -> Any: ...
+
+
+def open_image(data: bytes, draft: tuple[int, int] | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Decode to an RGB image: EXIF orientation applied, any mode converted, draft-decoded if allowed.
+
+    ``draft``: the smallest (w, h) the caller will use; JPEGs then decode at the largest 1/2^k scale that
+    still covers it. ``max_pixels``: refuse larger images before decoding them (decompression bombs).
+    """
+    im = Image.open(io.BytesIO(data))
+    if max_pixels is not None and im.width * im.height > max_pixels:
+        raise ValueError(f"image of {im.width}x{im.height} pixels exceeds the limit of {max_pixels}")
+    orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+    if draft is not None and im.format == "JPEG":
+        w, h = draft
+        if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: the stored image is transposed
+            w, h = h, w
+        im.draft("RGB", (w, h))
+    if orientation != 1:
+        im = ImageOps.exif_transpose(im)
+    if im.mode != "RGB":
+        im = _to_rgb(im)
+    return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGB", im.size, (255, 255, 255))
+        bg.paste(im, mask=im.getchannel("A"))
+        return bg
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float32)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+def to_uint8(im: Image.Image) -> torch.Tensor:
+    """[3, H, W] uint8: 4x less traffic between processes than float; normalise on the device."""
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def to_float(im: Image.Image) -> torch.Tensor:
+    """[3, H, W] float32 in [0, 1]."""
+    return to_uint8(im).float().div_(255.0)
+
+
+class Resize:
+    """Resize to exactly (size, size) or (w, h); output "pil", "uint8" or "float"."""
+
+    def __init__(self, size: int | tuple[int, int], output: str = "uint8", resample=Image.BILINEAR, draft: bool = True):
+        self.wh = (size, size) if isinstance(size, int) else tuple(size)
+        if output not in ("pil", "uint8", "float"):
+            raise ValueError(f"output must be pil, uint8 or float, not {output!r}")
+        self.output, self.resample, self.draft = output, resample, draft
+
+    def draft_size(self) -> tuple[int, int] | None:
+        return self.wh if self.draft else None
+
+    def __call__(self, im: Image.Image) -> Any:
+        if im.size != self.wh:
+            im = im.resize(self.wh, self.resample, reducing_gap=None)
+        return {"pil": lambda x: x, "uint8": to_uint8, "float": to_float}[self.output](im)
+
+
+_OUTPUTS: dict[str, Callable[[Image.Image], Any]] = {"pil": lambda im: im, "uint8": to_uint8, "float": to_float}
+
+
+class decode:
+    """The stage: decode image members with ``image`` ("pil", "uint8", "float" or a transform such as
+    ``Resize(224)`` / ``ImageTiles(...)``), ``json`` members to objects and ``txt`` members to str.
+
+    Only what is named is decoded (``image=None`` leaves images as bytes); other members pass through.
+    ``max_pixels`` refuses decompression bombs before decoding.
+    """
+
+    def __init__(self, image: str | ImageTransform | None = "pil", *, json: bool = True, txt: bool = True,
+                 max_pixels: int | None = 178_956_970):
+        if isinstance(image, str):
+            if image not in _OUTPUTS:
+                raise ValueError(f"image must be one of {sorted(_OUTPUTS)} or a transform, not {image!r}")
+            image = _OUTPUTS[image]
+        self.image, self.json, self.txt, self.max_pixels = image, json, txt, max_pixels
+        size = getattr(image, "draft_size", None)
+        self.draft = size() if callable(size) else None
+
+    def decode_sample(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(sample)
+        for key, value in sample.items():
+            if key.startswith("__") or not isinstance(value, (bytes, bytearray)):
+                continue
+            try:
+                if self.image is not None and is_image_ext(key):
+                    out[key] = self.image(open_image(value, self.draft, self.max_pixels))
+                elif self.json and key.rsplit(".", 1)[-1] == "json":
+                    out[key] = json.loads(value)
+                elif self.txt and key.rsplit(".", 1)[-1] == "txt":
+                    out[key] = value.decode("utf-8")
+            except Exception as e:
+                raise DecodeError(
+                    f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r} member {key!r}: "
+                    f"{type(e).__name__}: {e}"
+                ) from None
+        return out
+
+    def __call__(self, it: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in it:
+            yield self.decode_sample(sample)

@@ -1,0 +1,550 @@
+"""`vs.fetch()`: open shards from local files, http(s) and hf:// as streams, surviving a flaky network.
+
+HTTP goes through the standard library's http.client (no curl subprocess): one keep-alive connection per
+host, connect and read timeouts, retries with exponential backoff and jitter, ``Retry-After`` honoured,
+and a transfer that breaks is resumed with a Range request from the byte where it broke, so a reader
+downstream sees every byte exactly once. A background thread can read the next shards ahead, bounded in
+bytes, and a local cache folder can keep shards between epochs.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import http.client
+import io
+import os
+import queue
+import random
+import re
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from .pipeline import Context
+
+RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+REDIRECT_STATUS = {301, 302, 303, 307, 308}
+_SECRET_QUERY = re.compile(r"(?i)((?:^|&)(?:token|sig|signature|key|access_token|x-amz-[a-z-]+)=)[^&]*")
+
+
+class FetchError(IOError):
+    """A shard could not be read; the message names the (redacted) URL and what happened."""
+
+
+def redact(url: str) -> str:
+    """The URL with credentials removed, fit for logs, errors and state dicts."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
+    query = _SECRET_QUERY.sub(r"\1***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+@dataclass
+class FetchOptions:
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    retries: int = 8  # attempts after the first, per shard
+    backoff: float = 0.5  # seconds, doubled each retry, with full jitter
+    max_backoff: float = 30.0
+    headers: Mapping[str, str] = field(default_factory=dict)  # e.g. {"Authorization": "Bearer ..."}
+    chunk: int = 1 << 20
+    sleep: Callable[[float], None] = time.sleep  # injectable for tests
+
+
+@dataclass
+class FetchStats:
+    requests: int = 0
+    retries: int = 0
+    resumed: int = 0  # Range requests that continued a broken transfer
+    bytes: int = 0
+    cache_hits: int = 0
+    shards: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+class HTTPClient:
+    """Keep-alive connections by host, shared by the streams of one fetch stage (one per thread)."""
+
+    def __init__(self, opts: FetchOptions, stats: FetchStats):
+        self.opts, self.stats = opts, stats
+        self._idle: dict[tuple[str, str], http.client.HTTPConnection] = {}
+        self._lock = threading.Lock()
+
+    def _conn(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        with self._lock:
+            conn = self._idle.pop((scheme, netloc), None)
+        if conn is not None:
+            return conn
+        host = netloc.rsplit("@", 1)[-1]
+        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        return cls(host, timeout=self.opts.connect_timeout)
+
+    def release(self, scheme: str, netloc: str, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            old = self._idle.pop((scheme, netloc), None)
+            self._idle[(scheme, netloc)] = conn
+        if old is not None:
+            old.close()
+
+    def request(self, url: str, start: int = 0) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection, str]:
+        """GET url (from byte `start`), following redirects; one attempt, errors raised as they come."""
+        headers = dict(self.opts.headers)
+        origin = urlsplit(url).netloc
+        for _ in range(10):
+            parts = urlsplit(url)
+            conn = self._conn(parts.scheme, parts.netloc)
+            path = parts.path or "/"
+            if parts.query:
+                path += "?" + parts.query
+            h = {k: v for k, v in headers.items() if parts.netloc == origin or k.lower() != "authorization"}
+            if start:
+                h["Range"] = f"bytes={start}-"
+            self.stats.requests += 1
+            try:
+                conn.request("GET", path, headers=h)
+                if conn.sock is not None:
+                    conn.sock.settimeout(self.opts.read_timeout)
+                resp = conn.getresponse()
+            except Exception:
+                conn.close()
+                raise
+            if resp.status in REDIRECT_STATUS and resp.getheader("Location"):
+                resp.read()
+                self.release(parts.scheme, parts.netloc, conn)
+                location = resp.getheader("Location")
+                url = location if "://" in location else urlunsplit((parts.scheme, parts.netloc, location, "", ""))
+                continue
+            return resp, conn, url
+        raise FetchError(f"{redact(url)}: too many redirects")
+
+
+class _Retry(Exception):
+    def __init__(self, why: str, wait: float | None = None):
+        super().__init__(why)
+        self.why, self.wait = why, wait
+
+
+class HTTPStream(io.RawIOBase):
+    """A readable stream over one HTTP(S) URL that retries and resumes by Range where it broke."""
+
+    def __init__(self, url: str, client: HTTPClient):
+        self.url, self.client, self.opts = url, client, client.opts
+        self.pos = 0
+        self.length: int | None = None
+        self.etag: str | None = None
+        self.resp: http.client.HTTPResponse | None = None
+        self.conn: http.client.HTTPConnection | None = None
+        self.where: tuple[str, str] | None = None
+        self.failures: list[str] = []
+        self._attempt(self._open)
+
+    def readable(self) -> bool:
+        return True
+
+    # -- one attempt at each step; _attempt wraps them in the retry policy
+    def _open(self) -> None:
+        resp, conn, final = self.client.request(self.url, self.pos)
+        status = resp.status
+        if status in RETRY_STATUS:
+            wait = _retry_after(resp.getheader("Retry-After"))
+            conn.close()
+            raise _Retry(f"HTTP {status}", wait)
+        if status not in (200, 206):
+            conn.close()
+            raise FetchError(f"{redact(self.url)}: HTTP {status} {resp.reason}")
+        etag = resp.getheader("ETag")
+        if self.etag and etag and etag != self.etag:
+            conn.close()
+            raise FetchError(f"{redact(self.url)}: the file changed while it was read (ETag {self.etag} -> {etag})")
+        self.etag = self.etag or etag
+        if status == 200:
+            cl = resp.getheader("Content-Length")
+            if self.length is None and cl is not None:
+                self.length = int(cl)
+            skip = self.pos  # the server ignored Range: read up to where we were and throw it away
+            while skip:
+                got = resp.read(min(skip, self.opts.chunk))
+                if not got:
+                    conn.close()
+                    raise _Retry("body ended before the resume point (server ignores Range)")
+                skip -= len(got)
+        else:
+            m = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.getheader("Content-Range", ""))
+            if not m or int(m.group(1)) != self.pos:
+                conn.close()
+                raise FetchError(f"{redact(self.url)}: bad Content-Range {resp.getheader('Content-Range')!r}")
+            if m.group(3) != "*":
+                self.length = int(m.group(3))
+        if self.pos:
+            self.client.stats.resumed += 1
+        parts = urlsplit(final)
+        self.resp, self.conn, self.where = resp, conn, (parts.scheme, parts.netloc)
+
+    def _attempt(self, step: Callable[[], Any]) -> Any:
+        tries = 0
+        while True:
+            try:
+                return step()
+            except FetchError:
+                self._drop()
+                raise
+            except (_Retry, OSError, http.client.HTTPException) as e:
+                self._drop()
+                why = e.why if isinstance(e, _Retry) else f"{type(e).__name__}: {e}"
+                self.failures.append(why)
+                if tries >= self.opts.retries:
+                    raise FetchError(
+                        f"{redact(self.url)}: gave up after {tries + 1} attempts at byte {self.pos}"
+                        f" of {self.length if self.length is not None else '?'}: {why}"
+                    ) from None
+                wait = e.wait if isinstance(e, _Retry) and e.wait is not None else None
+                if wait is None:
+                    wait = random.uniform(0, min(self.opts.max_backoff, self.opts.backoff * 2**tries))
+                tries += 1
+                self.client.stats.retries += 1
+                self.opts.sleep(wait)
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.resp = self.conn = None
+
+    def _readinto_once(self, b: memoryview) -> int:
+        if self.resp is None:
+            self._open()
+        n = self.resp.readinto(b)
+        if n == 0 and len(b):
+            if self.length is not None and self.pos < self.length:
+                raise _Retry(f"connection closed at byte {self.pos} of {self.length}")
+            self.client.release(*self.where, self.conn)  # body complete: the connection can be reused
+            self.resp = self.conn = None
+        return n
+
+    def readinto(self, b) -> int:
+        if self.length is not None and self.pos >= self.length:
+            if self.resp is not None:
+                self.resp.read()
+                self.client.release(*self.where, self.conn)
+                self.resp = self.conn = None
+            return 0
+        n = self._attempt(lambda: self._readinto_once(memoryview(b)))
+        self.pos += n
+        self.client.stats.bytes += n
+        return n
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+def open_url(url: str, *, client: HTTPClient | None = None, allow_pipe: bool = False, hf_token: str | bool | None = None,
+             buffer_size: int = 1 << 20) -> BinaryIO:
+    """Open a shard for reading: a local path, file://, http(s)://, hf:// or (only if allowed) pipe:."""
+    if url.startswith("pipe:"):
+        if not allow_pipe:
+            raise FetchError(f"{url[:40]!r}: pipe: URLs run shell commands; pass allow_pipe=True to use them")
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=buffer_size)
+        return proc.stdout
+    if url.startswith("hf://"):
+        url, token = hf_resolve_url(url, hf_token)
+        if client is None:
+            client = HTTPClient(FetchOptions(), FetchStats())
+        if token:
+            client = HTTPClient(
+                FetchOptions(**{**client.opts.__dict__, "headers": {**client.opts.headers, "Authorization": f"Bearer {token}"}}),
+                client.stats,
+            )
+    if url.startswith(("http://", "https://")):
+        client = client or HTTPClient(FetchOptions(), FetchStats())
+        return io.BufferedReader(HTTPStream(url, client), buffer_size)
+    path = url[7:] if url.startswith("file://") else url
+    try:
+        return open(path, "rb", buffering=buffer_size)
+    except OSError as e:
+        raise FetchError(f"{path}: {e.strerror}") from None
+
+
+def hf_resolve_url(url: str, token: str | bool | None = None) -> tuple[str, str | None]:
+    """hf://datasets/ORG/NAME[@REV]/PATH -> the Hub's resolve URL and the token to send (never logged)."""
+    from huggingface_hub import get_token, hf_hub_url
+
+    from .shardlist import parse_hf_url
+
+    repo_type, repo_id, revision, path = parse_hf_url(url)
+    if token is None or token is True:
+        token = get_token()
+    return hf_hub_url(repo_id, path, repo_type=repo_type, revision=revision), (token or None)
+
+
+# ------------------------------------------------------------------------------------------------ read-ahead
+
+
+class _ChunkStream(io.RawIOBase):
+    """The consumer side of a read-ahead: chunks arrive through a queue from the reader thread."""
+
+    def __init__(self, budget: "_Budget"):
+        self.q: queue.Queue = queue.Queue()
+        self.budget = budget
+        self.buf = memoryview(b"")
+        self.done = False
+        self.abandoned = threading.Event()  # set by close(): the reader thread stops filling this stream
+        self.lock = threading.Lock()
+
+    def push(self, chunk: bytes) -> bool:
+        """Called by the reader thread; False (and the bytes returned to the budget) once closed."""
+        with self.lock:
+            if self.abandoned.is_set():
+                self.budget.release(len(chunk))
+                return False
+            self.q.put(chunk)
+            return True
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.buf:
+            if self.done:
+                return 0
+            chunk = self.q.get()
+            if chunk is None:
+                self.done = True
+                return 0
+            if isinstance(chunk, BaseException):
+                self.done = True
+                raise chunk
+            self.budget.release(len(chunk))
+            self.buf = memoryview(chunk)
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n
+
+    def close(self) -> None:
+        # Tell the thread to stop, then drain what it queued so its bytes return to the budget.
+        with self.lock:
+            self.abandoned.set()
+            while True:
+                try:
+                    chunk = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(chunk, (bytes, bytearray)):
+                    self.budget.release(len(chunk))
+        self.done = True
+        super().close()
+
+
+class _Budget:
+    """Bytes held in read-ahead buffers, bounded: the reader thread waits when it is spent."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.cv = threading.Condition()
+
+    def take(self, n: int, cancelled: Callable[[], bool]) -> bool:
+        """Wait until n more bytes fit (one chunk always fits); False if cancelled meanwhile."""
+        with self.cv:
+            while self.used > 0 and self.used + n > self.limit:
+                if cancelled():
+                    return False
+                self.cv.wait(0.1)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self.cv:
+            self.used -= n
+            self.cv.notify_all()
+
+
+# ----------------------------------------------------------------------------------------------------- cache
+
+
+class ShardCache:
+    """Whole shards kept on local disk, named by a hash of the URL (never by its text), evicted LRU."""
+
+    def __init__(self, folder: str, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        os.makedirs(folder, exist_ok=True)
+
+    def path(self, url: str) -> str:
+        return os.path.join(self.folder, hashlib.sha256(url.encode()).hexdigest() + ".tar")
+
+    def get(self, url: str) -> str | None:
+        p = self.path(url)
+        if os.path.exists(p):
+            os.utime(p)  # recency for LRU
+            return p
+        return None
+
+    def tee(self, url: str, stream: BinaryIO) -> BinaryIO:
+        return _CacheTee(self, url, stream)
+
+    def evict(self) -> None:
+        entries = []
+        for name in os.listdir(self.folder):
+            if name.endswith(".tar"):
+                st = os.stat(os.path.join(self.folder, name))
+                entries.append((st.st_mtime, st.st_size, name))
+        total = sum(e[1] for e in entries)
+        for _, size, name in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            try:
+                os.remove(os.path.join(self.folder, name))
+            except FileNotFoundError:
+                pass
+            total -= size
+
+
+class _CacheTee(io.RawIOBase):
+    """Pass bytes through while writing them to a temp file; publish it atomically only when complete."""
+
+    def __init__(self, cache: ShardCache, url: str, stream: BinaryIO):
+        self.cache, self.url, self.stream = cache, url, stream
+        self.tmp = f"{cache.path(url)}.part{os.getpid()}.{threading.get_ident()}"
+        self.out = open(self.tmp, "wb")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.stream.readinto(b)
+        if n:
+            self.out.write(memoryview(b)[:n])
+        elif self.out is not None:
+            self.out.close()
+            self.out = None
+            os.replace(self.tmp, self.cache.path(self.url))
+            self.cache.evict()
+        return n
+
+    def close(self) -> None:
+        if self.out is not None:  # not read to the end: never publish a partial shard
+            self.out.close()
+            self.out = None
+            os.remove(self.tmp)
+        self.stream.close()
+        super().close()
+
+
+# ----------------------------------------------------------------------------------------------------- stage
+
+
+class fetch:
+    """The stage: shard items in, ``{**item, "stream": binary file}`` out, opened in order.
+
+    ``prefetch``: shards read ahead in a background thread (0: none), holding at most ``prefetch_bytes``.
+    ``cache``: a folder keeping whole shards for later epochs, bounded by ``cache_bytes`` (LRU).
+    ``headers``: sent with every HTTP request (auth); the HF token is taken from huggingface_hub's usual
+    places for hf:// URLs. Neither ever appears in errors, stats or state.
+    """
+
+    def __init__(self, *, prefetch: int = 2, prefetch_bytes: int = 256 << 20, cache: str | None = None,
+                 cache_bytes: int = 50 << 30, allow_pipe: bool = False, headers: Mapping[str, str] | None = None,
+                 hf_token: str | bool | None = None, options: FetchOptions | None = None):
+        self.opts = options or FetchOptions()
+        if headers:
+            self.opts = FetchOptions(**{**self.opts.__dict__, "headers": {**self.opts.headers, **headers}})
+        self.prefetch, self.prefetch_bytes = prefetch, prefetch_bytes
+        self.cache = ShardCache(cache, cache_bytes) if cache else None
+        self.allow_pipe, self.hf_token = allow_pipe, hf_token
+        self.stats = FetchStats()
+        self.ctx = Context()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["stats"] = FetchStats()  # each worker counts its own
+        return state
+
+    def bind(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def open(self, item: Mapping[str, Any], client: HTTPClient) -> BinaryIO:
+        url = item["url"]
+        if self.ctx.num_workers > 1 and not item.get("worker_split") and not item.get("resampled"):
+            raise ValueError(f"{self.ctx.num_workers} DataLoader workers would each read every shard: "
+                             "add vs.split_by_worker() before vs.fetch()")
+        if self.cache is not None:
+            hit = self.cache.get(url)
+            if hit is not None:
+                self.stats.cache_hits += 1
+                return open(hit, "rb", buffering=self.opts.chunk)
+        f = open_url(url, client=client, allow_pipe=self.allow_pipe, hf_token=self.hf_token, buffer_size=self.opts.chunk)
+        self.stats.shards += 1
+        if self.cache is not None and "://" in url:
+            return io.BufferedReader(self.cache.tee(url, f), self.opts.chunk)
+        return f
+
+    def __call__(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        client = HTTPClient(self.opts, self.stats)
+        if self.prefetch <= 0:
+            for item in it:
+                yield {**item, "stream": self.open(item, client)}
+            return
+        yield from self._read_ahead(it, client)
+
+    def _read_ahead(self, it: Iterator[dict[str, Any]], client: HTTPClient) -> Iterator[dict[str, Any]]:
+        budget = _Budget(self.prefetch_bytes)
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def reader() -> None:
+            try:
+                for item in it:
+                    if stop.is_set():
+                        return
+                    out = _ChunkStream(budget)
+                    ready.put((item, out))
+                    cancelled = lambda: stop.is_set() or out.abandoned.is_set()  # noqa: E731
+                    try:
+                        with self.open(item, client) as f:
+                            while not cancelled():
+                                chunk = f.read(self.opts.chunk)
+                                if not chunk:
+                                    break
+                                if not budget.take(len(chunk), cancelled) or not out.push(chunk):
+                                    break
+                        out.q.put(None)
+                    except BaseException as e:  # handed to the consumer, who raises it where it reads
+                        out.q.put(e)
+                ready.put(None)
+            except BaseException as e:
+                ready.put(e)
+
+        t = threading.Thread(target=reader, name="vlmstream-fetch", daemon=True)
+        t.start()
+        try:
+            while True:
+                got = ready.get()
+                if got is None:
+                    return
+                if isinstance(got, BaseException):
+                    raise got
+                item, stream = got
+                yield {**item, "stream": io.BufferedReader(stream, self.opts.chunk)}
+        finally:
+            stop.set()
+            while True:  # unblock the thread if it waits on a full queue
+                try:
+                    ready.get_nowait()
+                except queue.Empty:
+                    break
+            t.join(timeout=5)

@@ -1,0 +1,178 @@
+"""`vs.shards(spec)`: resolve a shard list once, then hand each epoch's order to the rest of the chain.
+
+Specs: a brace pattern (`shard-{000000..000127}.tar`, local or URL), a list, a local glob, a manifest
+(`index.json`, local or over HTTP) or `hf://datasets/ORG/NAME[@REV]/PATTERN` (through huggingface_hub).
+Resolution happens once, where the pipeline is built; DataLoader workers get the resolved list with the
+pipeline and never list again. Ranks on one machine share one listing through an on-disk cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import fnmatch
+import glob
+import hashlib
+import json
+import os
+import posixpath
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import braceexpand
+
+from .format import FormatError, parse_manifest
+from .pipeline import Context
+from .split import epoch_order
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    url: str
+    samples: int | None = None  # known from a manifest
+    sha256: str | None = None
+
+
+def _is_url(s: str) -> bool:
+    return "://" in s
+
+
+def _join(base: str, rel: str) -> str:
+    """Resolve a manifest's relative shard URL against the manifest's own location."""
+    if _is_url(rel) or os.path.isabs(rel):
+        return rel
+    if _is_url(base):
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(rest), rel))}"
+    return os.path.normpath(os.path.join(os.path.dirname(base), rel))
+
+
+def parse_hf_url(url: str) -> tuple[str, str, str | None, str]:
+    """hf://datasets/ORG/NAME[@REV]/PATH -> (repo_type, repo_id, revision, path)."""
+    rest = url[len("hf://"):]
+    kind, _, rest = rest.partition("/")
+    if kind not in ("datasets", "models", "spaces"):
+        raise ValueError(f"{url}: expected hf://datasets/ORG/NAME/PATH")
+    parts = rest.split("/", 2)
+    if len(parts) < 3 or not parts[2]:
+        raise ValueError(f"{url}: expected hf://{kind}/ORG/NAME/PATH")
+    name, _, revision = parts[1].partition("@")
+    return kind[:-1], f"{parts[0]}/{name}", revision or None, parts[2]
+
+
+def _read_manifest_bytes(url: str, opener) -> bytes:
+    if _is_url(url):
+        with opener(url) as f:
+            return f.read()
+    with open(url, "rb") as f:
+        return f.read()
+
+
+def _from_manifest(url: str, data: bytes) -> list[ShardSpec]:
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{url}: invalid manifest JSON: {e}") from None
+    return [ShardSpec(_join(url, s.url), s.samples, s.sha256) for s in parse_manifest(doc, url)]
+
+
+def _list_hf(url: str, token: str | bool | None) -> list[ShardSpec]:
+    from huggingface_hub import HfApi
+
+    repo_type, repo_id, revision, pattern = parse_hf_url(url)
+    files = HfApi().list_repo_files(repo_id, repo_type=repo_type, revision=revision, token=token)
+    wanted = set(braceexpand.braceexpand(pattern))
+    picked = sorted(f for f in files if f in wanted or any(fnmatch.fnmatchcase(f, w) for w in wanted))
+    at = f"@{revision}" if revision else ""
+    return [ShardSpec(f"hf://{repo_type}s/{repo_id}{at}/{f}") for f in picked]
+
+
+def resolve(spec: str | Sequence[str], *, opener=None, hf_token: str | bool | None = None) -> list[ShardSpec]:
+    """Turn a spec into the shard list; every form but plain lists may do I/O (once)."""
+    if not isinstance(spec, str):
+        return [ShardSpec(u) for s in spec for u in braceexpand.braceexpand(s)]
+    if spec.startswith("hf://"):
+        if spec.endswith(".json"):
+            from huggingface_hub import hf_hub_download
+
+            repo_type, repo_id, revision, path = parse_hf_url(spec)
+            local = hf_hub_download(repo_id, path, repo_type=repo_type, revision=revision, token=hf_token)
+            with open(local, "rb") as f:
+                return [ShardSpec(_join(spec, s.url), s.samples, s.sha256) for s in _from_manifest(spec, f.read())]
+        return _list_hf(spec, hf_token)
+    if spec.endswith(".json"):
+        if opener is None:
+            from .fetch import open_url as opener
+        return _from_manifest(spec, _read_manifest_bytes(spec, opener))
+    urls = list(braceexpand.braceexpand(spec))
+    if not _is_url(spec) and any(c in spec for c in "*?["):
+        urls = sorted(p for u in urls for p in glob.glob(u))
+    return [ShardSpec(u) for u in urls]
+
+
+def cached_resolve(spec: str | Sequence[str], cache_dir: str, ttl: float, **kwargs: Any) -> list[ShardSpec]:
+    """Resolve through an on-disk cache shared by the processes of one machine.
+
+    The first process to take the lock lists and writes the result atomically; the others wait on the lock
+    and read it, so one machine makes one listing request however many ranks it runs.
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+    path = os.path.join(cache_dir, f"shards-{key}.json")
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if os.path.exists(path) and time.time() - os.path.getmtime(path) < ttl:
+                with open(path) as f:
+                    return [ShardSpec(**d) for d in json.load(f)]
+            out = resolve(spec, **kwargs)
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump([s.__dict__ for s in out], f)
+            os.replace(tmp, path)
+            return out
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class shards:
+    """The source stage: yields one dict per shard, in this epoch's order.
+
+    Each item is ``{"url", "shard" (index in the resolved list), "samples" (or None), "num_shards"}``.
+    ``shuffle`` reorders shards each epoch from (seed, epoch); the seed defaults to the pipeline's.
+    ``listing_cache``: a folder where ranks of one machine share the listing for ``listing_ttl`` seconds.
+    """
+
+    def __init__(
+        self,
+        spec: str | Sequence[str],
+        *,
+        shuffle: bool = True,
+        seed: int | None = None,
+        listing_cache: str | None = None,
+        listing_ttl: float = 3600.0,
+        hf_token: str | bool | None = None,
+    ):
+        if listing_cache is not None:
+            self.specs = cached_resolve(spec, listing_cache, listing_ttl, hf_token=hf_token)
+        else:
+            self.specs = resolve(spec, hf_token=hf_token)
+        if not self.specs:
+            raise ValueError(f"no shards found for {spec!r}")
+        self.shuffle = shuffle
+        self.seed = seed
+        self.ctx = Context()
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def bind(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def __call__(self, _: Iterator[Any] | None = None) -> Iterator[dict[str, Any]]:
+        seed = self.ctx.seed if self.seed is None else self.seed
+        order = epoch_order(len(self.specs), seed, self.ctx.epoch, self.shuffle)
+        n = len(self.specs)
+        for i in order:
+            s = self.specs[i]
+            yield {"url": s.url, "shard": i, "samples": s.samples, "num_shards": n}
