@@ -34,7 +34,10 @@ ROLES = ("system", "user", "assistant")
 # Extensions that hold encoded images, by the name of their last dotted part ("0.jpg" -> "jpg").
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 # Pillow's format name -> the extension we store it under.
-PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif"}
+# MPO is how Pillow names camera JPEGs that carry extra (multi-picture) frames: a JPEG file to any decoder.
+PIL_FORMAT_EXT = {
+    "JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif",
+}
 
 
 # Keys the packer puts in ``meta`` to say where a sample came from; a record's own fields never override them.

@@ -1,0 +1,480 @@
+"""Read the image-text schemas people already have and turn each record into a sample.
+
+Two steps, split so that the cheap one runs once in the main process and the costly one in worker processes:
+
+1. ``read_records(inp)`` walks an input (JSON array, JSONL, image folder, Parquet) and yields one ``Record`` per
+   input record, in input order: the turns as a ``Conversation`` (images still unnamed) and the image sources
+   (file paths, or bytes embedded in Parquet), or the reason the record is bad. Nothing is skipped silently.
+2. ``convert(record)`` reads and checks the images, names them after their real format and returns the
+   sample's tar members, or a reject saying why not.
+
+The chat schemas differ mostly by field names, so they share one parser driven by ``CHAT_FIELDS``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+from .format import (
+    IMAGE_EXTS,
+    IMAGE_PLACEHOLDER,
+    META_PROVENANCE,
+    Conversation,
+    FormatError,
+    image_member,
+    sample_members,
+    validate_conversation,
+)
+
+SCHEMAS = ("llava", "sharegpt", "finevision", "caption")  # record schemas of JSON / JSONL inputs
+FORMATS = (*SCHEMAS, "folder", "parquet")  # what --format can name
+PARQUET_BATCH_ROWS = 64  # rows per Parquet read: bounds memory when rows embed large images
+
+# chat schema -> (turn list fields tried in order, image field); turns may be {role, content} or {from, value}.
+CHAT_FIELDS = {
+    "llava": (("conversations",), "image"),
+    "sharegpt": (("messages", "conversations"), "images"),
+}
+# schema -> the fields of which a record needs at least one; a record with none is of an unknown schema
+REQUIRED_FIELDS = {
+    "llava": ("conversations",), "sharegpt": ("messages", "conversations"), "finevision": ("texts",), "caption": ("caption",),
+}
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+@dataclass
+class Record:
+    """One input record, read but not converted: small to send to a worker process."""
+
+    source: str  # the input path as given
+    position: int  # 0-based record index in that input
+    line: int | None = None  # 1-based line number (JSONL)
+    conversation: Conversation | None = None  # turns and meta; ``images`` is filled by ``convert``
+    images: list[str | bytes] = field(default_factory=list)  # file paths, or encoded bytes from Parquet
+    error: str | None = None  # why the record cannot be packed, found while reading it
+    index: int = 0  # global index over all inputs (the sample key), set by the caller
+
+    def reject(self, reason: str) -> dict[str, Any]:
+        """The line ``rejects.jsonl`` gets for this record."""
+        out: dict[str, Any] = {"source": self.source, "position": self.position}
+        if self.line is not None:
+            out["line"] = self.line
+        out.update(index=self.index, reason=reason)
+        return out
+
+    def where(self) -> str:
+        return f"{self.source} position {self.position}" + ("" if self.line is None else f" (line {self.line})")
+
+
+@dataclass(frozen=True)
+class Input:
+    """An input file or folder, its detected format and its record count."""
+
+    path: str
+    format: str  # one of FORMATS
+    image_root: str  # relative image paths are resolved against this folder
+    count: int
+
+
+# ---------------------------------------------------------------------------------------- record -> turns
+
+
+def schema_of(rec: Mapping[str, Any]) -> str | None:
+    """Which schema a record's keys say it is in, or None."""
+    if "texts" in rec:
+        return "finevision"
+    if "messages" in rec or ("conversations" in rec and "images" in rec):
+        return "sharegpt"
+    if "conversations" in rec:
+        return "llava"
+    if "caption" in rec and "image" in rec:
+        return "caption"
+    return None
+
+
+def parse_record(rec: Any, schema: str) -> tuple[list[dict[str, str]], list[Any], set[str]]:
+    """Turns, image references (paths as written) and the fields used, of one record in ``schema``."""
+    if schema not in SCHEMAS:
+        raise ValueError(f"unknown schema {schema!r}, expected one of {SCHEMAS}")
+    if not isinstance(rec, Mapping):
+        raise FormatError(f"record is a JSON {type(rec).__name__}, not an object")
+    if not any(k in rec for k in REQUIRED_FIELDS[schema]):
+        need = " or ".join(map(repr, REQUIRED_FIELDS[schema]))
+        raise FormatError(f"unknown schema: keys {sorted(map(str, rec))}, a {schema} record needs {need}")
+    if schema in CHAT_FIELDS:
+        turn_fields, image_field = CHAT_FIELDS[schema]
+        turns_key = next(k for k in turn_fields if k in rec)
+        messages = _chat_turns(rec[turns_key])
+        used = {turns_key, image_field}
+        if schema == "sharegpt" and isinstance(rec.get("system"), str):  # LLaMA-Factory's system prompt column
+            used.add("system")
+            if rec["system"]:
+                messages.insert(0, {"role": "system", "content": rec["system"]})
+        return messages, _image_list(rec.get(image_field)), used
+    if schema == "finevision":
+        return _finevision_turns(rec), _image_list(rec.get("images")), {"texts", "images"}
+    if schema == "caption":
+        caption = rec.get("caption")
+        if not isinstance(caption, str):
+            raise FormatError("caption must be a string")
+        messages = [{"role": "user", "content": IMAGE_PLACEHOLDER}, {"role": "assistant", "content": caption.strip()}]
+        return messages, _image_list(rec.get("image")), {"image", "caption"}
+
+
+def _chat_turns(turns: Any) -> list[dict[str, str]]:
+    if not isinstance(turns, list):
+        raise FormatError(f"turns must be a list, got {type(turns).__name__}")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, Mapping):
+            raise FormatError(f"turn {i} is not an object")
+        role, content = t.get("role", t.get("from")), t.get("content", t.get("value"))
+        if role not in ROLE_NAMES:
+            raise FormatError(f"turn {i}: unknown role {role!r}")
+        if not isinstance(content, str):
+            raise FormatError(f"turn {i}: content must be a string")
+        out.append({"role": ROLE_NAMES[role], "content": content})
+    return out
+
+
+def _finevision_turns(rec: Mapping[str, Any]) -> list[dict[str, str]]:
+    """FineVision texts have no placeholders: the images go first in the first user turn (as nanoVLM does)."""
+    texts = rec.get("texts")
+    if not isinstance(texts, list):
+        raise FormatError("texts must be a list of {user, assistant}")
+    messages = []
+    for i, t in enumerate(texts):
+        if not isinstance(t, Mapping) or not isinstance(t.get("user"), str) or not isinstance(t.get("assistant"), str):
+            raise FormatError(f"texts[{i}]: expected string user and assistant")
+        messages += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["assistant"]}]
+    images = rec.get("images") or []
+    if messages and isinstance(images, list):
+        messages[0]["content"] = IMAGE_PLACEHOLDER * len(images) + messages[0]["content"]
+    return messages
+
+
+def _image_list(value: Any) -> list[Any]:
+    """Image references: absent, one, or a list; each a path, bytes, or a {bytes, path} struct (Parquet)."""
+    if value is None:
+        return []
+    refs = value if isinstance(value, list) else [value]
+    for i, ref in enumerate(refs):
+        ok = (isinstance(ref, str) and ref) or isinstance(ref, bytes)
+        ok = ok or (isinstance(ref, Mapping) and (isinstance(ref.get("bytes"), bytes) or isinstance(ref.get("path"), str)))
+        if not ok:
+            raise FormatError(f"image {i}: expected a path, got {ref!r:.60}")
+    return refs
+
+
+def _resolve(ref: Any, root: str) -> str | bytes:
+    if isinstance(ref, Mapping):
+        ref = ref["bytes"] if isinstance(ref.get("bytes"), bytes) else ref["path"]
+    return ref if isinstance(ref, bytes) else os.path.join(root, ref)
+
+
+def make_record(
+    raw: Any, schema: str, source: str, position: int, root: str, line: int | None = None
+) -> Record:
+    """A Record from one parsed input record; schema problems become the record's error, not an exception."""
+    rec = Record(source, position, line)
+    try:
+        messages, refs, used = parse_record(raw, schema)
+        meta: dict[str, Any] = {"source": source, "position": position}
+        if line is not None:
+            meta["line"] = line
+        for k, v in raw.items():
+            if k not in used:
+                meta[f"record_{k}" if k in META_PROVENANCE else str(k)] = plain_json(v)
+        rec.conversation = Conversation(messages, [], meta)
+        rec.images = [_resolve(r, root) for r in refs]
+    except FormatError as e:
+        rec.error = str(e)
+    return rec
+
+
+def plain_json(v: Any) -> Any:
+    """A value JSON can hold exactly: NaN and infinities become null, other non-JSON types their str()."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, Mapping):
+        return {str(k): plain_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [plain_json(x) for x in v]
+    return str(v)
+
+
+# ------------------------------------------------------------------------------------------ input files
+
+
+def open_input(path: str, fmt: str | None = None, image_root: str | None = None) -> Input:
+    """Detect an input's format (``fmt`` if given; else folder, ``.parquet``, then the keys of the first JSON
+    record) and count its records, so that global indices and job shares are known before packing."""
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}, expected one of {FORMATS}")
+    if os.path.isdir(path):
+        if fmt not in (None, "folder"):
+            raise FormatError(f"{path}: a folder, but --format {fmt} names a file format")
+        return Input(path, "folder", image_root or path, len(_folder_images(path)))
+    if not os.path.isfile(path):
+        raise FormatError(f"{path}: no such file or folder")
+    root = image_root if image_root is not None else os.path.dirname(path)
+    if fmt == "parquet" or (fmt in (None, "finevision") and path.endswith(".parquet")):
+        return Input(path, "parquet", root, _parquet_file(path).metadata.num_rows)
+    if fmt == "folder":
+        raise FormatError(f"{path}: --format folder needs a folder")
+    count, schema, first_keys = 0, fmt, None
+    for _, _, raw in _json_items(path):
+        count += 1
+        if schema is None and isinstance(raw, Mapping):
+            schema = schema_of(raw)  # the first record of a known schema decides; others before it are rejects
+            first_keys = first_keys or sorted(raw)
+    if schema is None and count:
+        raise FormatError(
+            f"{path}: no record in a known schema (first record's keys: {first_keys}); name it with --format"
+        )
+    return Input(path, schema or "llava", root, count)  # an empty file has no records to read in any schema
+
+
+def read_records(inp: Input, want: Callable[[int], bool] | None = None) -> Iterator[Record]:
+    """Yield a Record per input record in order; positions ``want`` rejects are skipped before any parsing."""
+    want = want or (lambda _: True)
+    if inp.format == "folder":
+        yield from _read_folder(inp, want)
+    elif inp.format == "parquet":
+        yield from _read_parquet(inp, want)
+    else:
+        for position, line, raw in _json_items(inp.path, want):
+            if isinstance(raw, _Bad):
+                yield Record(inp.path, position, line, error=raw.reason)
+            else:
+                yield make_record(raw, inp.format, inp.path, position, inp.image_root, line)
+
+
+@dataclass
+class _Bad:
+    reason: str
+
+
+def _json_items(path: str, want: Callable[[int], bool] | None = None) -> Iterator[tuple[int, int | None, Any]]:
+    """(position, line or None, parsed record or _Bad) of a JSON array or JSONL file, told apart by the first
+    character; unwanted positions yield None without parsing."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"["):
+        yield from ((i, None, raw) for i, raw in enumerate(_json_array(path)) if want is None or want(i))
+        return
+    position = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if want is None or want(position):
+                yield position, number, _json_line(line)
+            position += 1
+
+
+def _json_line(line: bytes) -> Any:
+    try:
+        return json.loads(line.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        return _Bad(f"invalid UTF-8: {e}")
+    except json.JSONDecodeError as e:
+        return _Bad(f"invalid JSON: {e}")
+
+
+def _json_array(path: str, chunk: int = 1 << 20) -> Iterator[Any]:
+    """The elements of a top-level JSON array, parsed one at a time: a 1 GB LLaVA file is never held whole."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8-sig") as f:
+        buf, pos, eof, count = "", 0, False, 0
+
+        def more() -> None:
+            nonlocal buf, pos, eof
+            data = f.read(max(chunk, len(buf) - pos))  # grows geometrically for an element larger than a chunk
+            eof = not data
+            buf, pos = buf[pos:] + data, 0
+
+        def next_char() -> str:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or eof:
+                    return buf[pos] if pos < len(buf) else ""
+                more()
+
+        def fail(what: str) -> FormatError:
+            return FormatError(f"{path}: invalid JSON array at element {count}: {what}")
+
+        if next_char() != "[":
+            raise fail("expected '['")
+        pos += 1
+        if next_char() == "]":
+            return
+        while True:
+            next_char()
+            try:
+                value, end = decoder.raw_decode(buf, pos)
+                complete = end < len(buf) or eof  # a number at the end of the buffer may go on in the next chunk
+            except json.JSONDecodeError as e:
+                if eof:
+                    raise fail(str(e)) from None
+                complete = False
+            if not complete:
+                more()
+                continue
+            pos = end
+            yield value
+            count += 1
+            c = next_char()
+            if c == "]":
+                return
+            if c != ",":
+                raise fail(f"expected ',' or ']', got {c!r}" if c else "unexpected end of file")
+            pos += 1
+
+
+# ------------------------------------------------------------------------------------------ image folder
+
+
+def _folder_images(path: str) -> list[str]:
+    """Image files under ``path`` (by extension), as sorted relative POSIX paths."""
+    found = []
+    for dirpath, _, files in os.walk(path):
+        rel = os.path.relpath(dirpath, path)
+        for name in files:
+            if "." in name and name.rsplit(".", 1)[1].lower() in IMAGE_EXTS:
+                found.append(name if rel == "." else os.path.join(rel, name).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def _read_folder(inp: Input, want: Callable[[int], bool]) -> Iterator[Record]:
+    for position, rel in enumerate(_folder_images(inp.path)):
+        if not want(position):
+            continue
+        txt = os.path.join(inp.path, rel.rsplit(".", 1)[0] + ".txt")
+        try:
+            with open(txt, "rb") as f:
+                caption = f.read().decode("utf-8-sig")
+        except FileNotFoundError:
+            yield Record(inp.path, position, error=f"{rel}: no caption file {os.path.basename(txt)}")
+            continue
+        except (OSError, UnicodeDecodeError) as e:
+            yield Record(inp.path, position, error=f"{rel}: unreadable caption: {e}")
+            continue
+        yield make_record({"image": rel, "caption": caption, "file": rel}, "caption", inp.path, position, inp.image_root)
+
+
+# ------------------------------------------------------------------------------------------------ parquet
+
+
+def _parquet_file(path: str):
+    import pyarrow.parquet as pq  # only Parquet inputs need pyarrow
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise FormatError(f"{path}: not a Parquet file: {e}") from None
+    missing = {"images", "texts"} - set(pf.schema_arrow.names)
+    if missing:
+        raise FormatError(f"{path}: Parquet without the FineVision columns {sorted(missing)}")
+    return pf
+
+
+def _read_parquet(inp: Input, want: Callable[[int], bool]) -> Iterator[Record]:
+    """FineVision rows: ``images`` list<struct{bytes, path}>, ``texts`` list<struct{user, assistant}>, other
+    columns to meta. Read ``PARQUET_BATCH_ROWS`` rows at a time, never the whole file."""
+    start = 0
+    for batch in _parquet_file(inp.path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        wanted = [i for i in range(batch.num_rows) if want(start + i)]
+        if wanted:
+            for i, row in zip(wanted, batch.take(wanted).to_pylist()):
+                yield make_record(row, "finevision", inp.path, start + i, inp.image_root)
+        start += batch.num_rows
+
+
+# ----------------------------------------------------------------------------------- record -> sample
+
+
+def load_image(src: str | bytes, max_side: int | None = None, jpeg_quality: int = 90) -> tuple[str, bytes]:
+    """(Pillow format, bytes) of a fully decoded, supported image: the original bytes, or a downscaled
+    re-encoding when ``max_side`` is set and the long side exceeds it."""
+    from PIL import Image
+
+    name = src if isinstance(src, str) else "embedded image"
+    if isinstance(src, str):
+        try:
+            with open(src, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise FormatError(f"missing image {src}") from None
+        except OSError as e:
+            raise FormatError(f"cannot read image {src}: {e.strerror or e}") from None
+    else:
+        data = src
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
+            image_member(0, fmt)  # raises on a format we do not store
+            im.load()  # decode it all: a truncated or corrupt file is found here, not in training
+            if max_side is not None and max(im.size) > max_side:
+                return shrink(im, max_side, jpeg_quality)
+    except FormatError as e:
+        raise FormatError(f"{name}: {e}") from None
+    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, EOFError, ...)
+        raise FormatError(f"unreadable image {name}: {type(e).__name__}: {e}") from None
+    return fmt, data
+
+
+def shrink(im, max_side: int, jpeg_quality: int = 90) -> tuple[str, bytes]:
+    """Downscale so the long side is ``max_side`` and re-encode: PNG if the image has alpha, else JPEG.
+
+    The EXIF orientation is applied first, since the re-encoding does not carry the EXIF tag over.
+    """
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    alpha = "A" in im.getbands() or "transparency" in im.info
+    im = im.convert("RGBA" if alpha else "L" if im.mode in ("1", "L") else "RGB")
+    w, h = im.size
+    scale = max_side / max(w, h)
+    im = im.resize((max(1, min(max_side, round(w * scale))), max(1, min(max_side, round(h * scale)))), Image.LANCZOS)
+    out = io.BytesIO()
+    if alpha:
+        im.save(out, "PNG")
+        return "PNG", out.getvalue()
+    im.save(out, "JPEG", quality=jpeg_quality)
+    return "JPEG", out.getvalue()
+
+
+def convert(
+    rec: Record, max_side: int | None = None, jpeg_quality: int = 90
+) -> tuple[int, list[tuple[str, bytes]] | None, dict[str, Any] | None]:
+    """(index, tar members, None) for a good record, (index, None, reject line) for a bad one."""
+    try:
+        if rec.error is not None:
+            raise FormatError(rec.error)
+        assert rec.conversation is not None
+        messages, meta = rec.conversation.messages, rec.conversation.meta
+        # Check the turns before reading any image: provisional distinct names stand in for the images.
+        validate_conversation(Conversation(messages, [str(i) for i in range(len(rec.images))], meta))
+        loaded = [load_image(src, max_side, jpeg_quality) for src in rec.images]
+        conv = Conversation(messages, [image_member(i, fmt) for i, (fmt, _) in enumerate(loaded)], meta)
+        return rec.index, sample_members(conv, [data for _, data in loaded]), None
+    except FormatError as e:
+        return rec.index, None, rec.reject(str(e))
+    except UnicodeEncodeError as e:  # a lone surrogate escaped in the input JSON cannot become UTF-8
+        return rec.index, None, rec.reject(f"text is not valid Unicode: {e}")
+
+
+def convert_batch(
+    recs: list[Record], max_side: int | None = None, jpeg_quality: int = 90
+) -> list[tuple[int, list[tuple[str, bytes]] | None, dict[str, Any] | None]]:
+    """``convert`` over a list: one inter-process round trip per batch rather than per record."""
+    return [convert(r, max_side, jpeg_quality) for r in recs]
