@@ -1,0 +1,355 @@
+"""Pack image-text records (LLaVA, ShareGPT, FineVision, captions, image folders, Parquet) into WebDataset shards.
+
+    python tools/pack_shards.py INPUT [INPUT ...] --output DIR [options]
+    python tools/pack_shards.py merge DIR/index.j*.json --output DIR/index.json
+
+Writes DIR/shard-NNNNNN.tar, DIR/index.json (the manifest) and DIR/rejects.jsonl (one line per record that
+was not packed, with the reason). The same inputs and options give byte-identical shards whatever --workers.
+
+Record i (numbered over all inputs in the order given) has output position pos(i): i itself, or with
+--shuffle a seeded permutation of the records. Job J of N packs the positions p with p * N // total == J, so N
+machines under any scheduler pack disjoint parts whose union is everything, and `merge` joins their manifests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from contextlib import closing
+from functools import partial
+from itertools import islice
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+try:
+    import vlmstream  # noqa: F401
+except ImportError:  # run from a checkout that is not installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vlmstream.format import (
+    MANIFEST_NAME,
+    FormatError,
+    job_manifest_name,
+    merge_manifests,
+    rejects_name,
+    sample_key,
+    write_manifest,
+)
+from vlmstream.records import FORMATS, Input, Record, convert_batch, open_input, read_records
+from vlmstream.writer import ShardWriter
+
+BATCH = 32  # records per round trip to a worker process
+BUCKET_FLUSH_BYTES = 64 << 20  # shuffle: converted samples held in memory before they are spilled to buckets
+
+
+class PackError(Exception):
+    """A reason to stop packing, said to the user as is."""
+
+
+# ------------------------------------------------------------------------------------- the pure maths
+
+_ROUNDS = 6
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic): a fixed, well-mixing bijection."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def shuffled_positions(indices: Sequence[int] | np.ndarray, total: int, seed: int) -> np.ndarray:
+    """Output positions of records ``indices`` under the seeded permutation of ``range(total)``.
+
+    A Feistel network over the smallest power of 4 covering ``total``, with cycle walking back into range:
+    a bijection computed one index at a time (no table of ``total`` entries), from integer arithmetic only,
+    so every machine of a multi-job pack agrees on it whatever its numpy or Python version.
+    """
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= total):
+        raise ValueError(f"indices must lie in [0, {total})")
+    if total <= 1:
+        return idx.copy()
+    half = np.uint64(((total - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << int(half)) - 1)
+    keys = _mix64(_mix64(np.array([seed & _U64], dtype=np.uint64)) + np.arange(_ROUNDS, dtype=np.uint64))
+
+    def encrypt(x: np.ndarray) -> np.ndarray:
+        left, right = x >> half, x & mask
+        for k in keys:
+            left, right = right, left ^ (_mix64(right ^ k) & mask)
+        return (left << half) | right
+
+    y = encrypt(idx.astype(np.uint64))
+    out = y >= np.uint64(total)
+    while out.any():  # cycle walking: re-encrypt until inside [0, total); stays a bijection of [0, total)
+        y[out] = encrypt(y[out])
+        out = y >= np.uint64(total)
+    return y.astype(np.int64)
+
+
+def shuffled_position(index: int, total: int, seed: int) -> int:
+    """``shuffled_positions`` for one record."""
+    return int(shuffled_positions([index], total, seed)[0])
+
+
+def job_of(position: int, total: int, num_jobs: int) -> int:
+    """The job that packs output position ``position``: contiguous, near-equal slices of the output order."""
+    return position * num_jobs // total
+
+
+def job_positions(job: int, num_jobs: int, total: int) -> range:
+    """The output positions job ``job`` of ``num_jobs`` packs: exactly those with ``job_of(p) == job``."""
+    if not 0 <= job < num_jobs:
+        raise ValueError(f"job {job} out of range for {num_jobs} jobs")
+    return range(-(-job * total // num_jobs), -(-(job + 1) * total // num_jobs))
+
+
+class Positions:
+    """pos(i) for increasing i, computed a block at a time: O(block) memory whatever the record count."""
+
+    BLOCK = 1 << 16
+
+    def __init__(self, total: int, seed: int | None) -> None:
+        self.total, self.seed = total, seed
+        self._start, self._block = -1, np.empty(0, dtype=np.int64)
+
+    def __call__(self, index: int) -> int:
+        if self.seed is None:
+            return index
+        if not self._start <= index < self._start + len(self._block):
+            self._start = index - index % self.BLOCK
+            stop = min(self._start + self.BLOCK, self.total)
+            self._block = shuffled_positions(np.arange(self._start, stop), self.total, self.seed)
+        return int(self._block[index - self._start])
+
+
+# ------------------------------------------------------------------------------------- processing
+
+
+def ordered_map(fn: Callable[[list], list], items: Iterable[Any], workers: int) -> Iterator[Any]:
+    """``fn`` over batches of ``items``, results flattened in input order.
+
+    At most ``2 * workers`` batches are in flight (``Pool.imap`` would read the whole input ahead), and
+    the order of results never depends on which worker finishes first: the output is the same for any N.
+    """
+    batches = iter(lambda it=iter(items): list(islice(it, BATCH)), [])
+    if workers <= 1:
+        for batch in batches:
+            yield from fn(batch)
+        return
+    # spawn: the parent may hold threads (pyarrow, tqdm) that fork would copy in an undefined state
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(fn, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+class Buckets:
+    """Shuffle with bounded memory: spill converted samples to temporary files by output position, then read
+    back one bucket (``span`` consecutive positions) at a time, sorted by position."""
+
+    def __init__(self, folder: str, start: int, span: int) -> None:
+        self.folder, self.start, self.span = folder, start, span
+        self._buffers: dict[int, list[bytes]] = {}
+        self._buffered = 0
+
+    def add(self, position: int, key: str, members: list[tuple[str, bytes]]) -> None:
+        blob = pickle.dumps((position, key, members), protocol=pickle.HIGHEST_PROTOCOL)
+        self._buffers.setdefault((position - self.start) // self.span, []).append(blob)
+        self._buffered += len(blob)
+        if self._buffered > BUCKET_FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        for bucket, blobs in self._buffers.items():
+            with open(self._path(bucket), "ab") as f:
+                f.writelines(blobs)
+        self._buffers, self._buffered = {}, 0
+
+    def sorted_samples(self, num_positions: int) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+        self.flush()
+        for bucket in range(-(-num_positions // self.span)):
+            if not os.path.exists(self._path(bucket)):
+                continue
+            items = []
+            with open(self._path(bucket), "rb") as f:
+                while True:
+                    try:
+                        items.append(pickle.load(f))
+                    except EOFError:
+                        break
+            os.remove(self._path(bucket))
+            items.sort(key=lambda item: item[0])
+            for _, key, members in items:
+                yield key, members
+
+    def _path(self, bucket: int) -> str:
+        return os.path.join(self.folder, f"bucket-{bucket:08d}.pkl")
+
+
+def progress(total: int, desc: str):
+    """A samples/s bar on stderr, only when a person watches it."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="samples", disable=not sys.stderr.isatty(), smoothing=0.1)
+
+
+def pack(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.monotonic()
+    jobbed = args.num_jobs is not None
+    job, num_jobs = (args.job_index, args.num_jobs) if jobbed else (0, 1)
+    inputs: list[Input] = [open_input(p, args.format, args.image_root) for p in args.inputs]
+    offsets = np.cumsum([0] + [inp.count for inp in inputs]).tolist()
+    total = offsets[-1]
+    share = job_positions(job, num_jobs, total)
+    seed = args.seed if args.shuffle else None
+    pos = Positions(total, seed)  # two: the reader runs ahead of the results, each walks its own blocks
+
+    def records() -> Iterator[Record]:
+        read_pos = Positions(total, seed)
+        for inp, offset in zip(inputs, offsets):
+            if not args.shuffle and (offset >= share.stop or offset + inp.count <= share.start):
+                continue  # without shuffle a job's share is a contiguous range of records
+            for rec in read_records(inp, want=lambda p, offset=offset: read_pos(offset + p) in share):
+                rec.index = offset + rec.position
+                yield rec
+
+    os.makedirs(args.output, exist_ok=True)
+    convert = partial(convert_batch, max_side=args.max_side, jpeg_quality=args.jpeg_quality)
+    rejects = 0
+    tmp = tempfile.mkdtemp(prefix=".pack-tmp-", dir=args.output) if args.shuffle else None
+    try:
+        with open(os.path.join(args.output, rejects_name(job if jobbed else None)), "w") as rej, \
+                ShardWriter(args.output, args.prefix, args.maxcount, args.maxsize, job if jobbed else None) as w, \
+                closing(ordered_map(convert, records(), args.workers)) as results, \
+                progress(len(share), "pack") as bar:
+            buckets = Buckets(tmp, share.start, args.bucket_size) if tmp else None
+            for index, members, reject in results:
+                bar.update(1)
+                if reject is not None:
+                    rejects += 1
+                    rej.write(json.dumps(reject, ensure_ascii=False) + "\n")
+                    if args.strict:
+                        rej.flush()
+                        line = f" (line {reject['line']})" if "line" in reject else ""
+                        raise PackError(
+                            f"--strict: bad record in {reject['source']} at position {reject['position']}{line}: "
+                            f"{reject['reason']}"
+                        )
+                elif buckets is not None:
+                    buckets.add(pos(index), sample_key(index), members)
+                else:
+                    w.write(sample_key(index), members)
+            if buckets is not None:
+                for key, members in buckets.sorted_samples(len(share)):
+                    w.write(key, members)
+        shards = w.shards
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    packing: dict[str, Any] = {
+        "inputs": [{"path": i.path, "format": i.format, "records": i.count} for i in inputs],
+        "records": total,
+        "rejects": rejects,
+        "shuffle_seed": args.seed if args.shuffle else None,
+        "max_side": args.max_side,
+    }
+    if jobbed:
+        packing.update(job=job, num_jobs=num_jobs, positions=[share.start, share.stop])
+    manifest = os.path.join(args.output, job_manifest_name(job) if jobbed else MANIFEST_NAME)
+    doc = write_manifest(manifest, shards, packing=packing)
+    seconds = time.monotonic() - t0
+    print(
+        f"pack_shards: {doc['samples']} samples, {doc['num_shards']} shards, {doc['bytes']} bytes, "
+        f"{rejects} rejects, {seconds:.1f} s ({doc['samples'] / max(seconds, 1e-9):.0f} samples/s) -> {manifest}"
+    )
+    return doc
+
+
+# ------------------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="pack_shards.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("inputs", nargs="+", metavar="INPUT", help="JSON/JSONL/Parquet files or image folders")
+    ap.add_argument("--output", "-o", required=True, metavar="DIR")
+    ap.add_argument("--format", choices=FORMATS, help="input schema (default: detected per input)")
+    ap.add_argument("--image-root", metavar="DIR", help="base of relative image paths (default: the input's folder)")
+    ap.add_argument("--prefix", default="shard", help="shard name prefix (default: shard)")
+    ap.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most (default: 10000)")
+    ap.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most (default: 1e9)")
+    ap.add_argument("--max-side", type=int, metavar="N", help="downscale and re-encode images longer than N px")
+    ap.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of re-encoded images (default: 90)")
+    ap.add_argument("--workers", type=int, default=_cores(), help="processes reading images (default: all cores)")
+    ap.add_argument("--shuffle", action="store_true", help="shuffle records across shards (needs --seed)")
+    ap.add_argument("--seed", type=int, help="seed of --shuffle")
+    ap.add_argument("--bucket-size", type=int, default=1024, metavar="N",
+                    help="--shuffle: output positions per temporary bucket, bounds memory (default: 1024)")
+    ap.add_argument("--job-index", type=int, metavar="J", help="this job's index, with --num-jobs")
+    ap.add_argument("--num-jobs", type=int, metavar="N", help="number of jobs sharing the pack")
+    ap.add_argument("--strict", action="store_true", help="stop at the first bad record instead of rejecting it")
+    args = ap.parse_args(argv)
+    if args.shuffle and args.seed is None:
+        ap.error("--shuffle needs --seed, so that the order can be made again")
+    if (args.job_index is None) != (args.num_jobs is None):
+        ap.error("--job-index and --num-jobs go together")
+    if args.num_jobs is not None and not (args.num_jobs >= 1 and 0 <= args.job_index < args.num_jobs):
+        ap.error(f"need 0 <= --job-index < --num-jobs, got {args.job_index} and {args.num_jobs}")
+    for name in ("maxcount", "maxsize", "workers", "bucket_size", "max_side"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 1 <= args.jpeg_quality <= 100:
+        ap.error("--jpeg-quality must lie in 1..100")
+    args.maxsize = int(args.maxsize)
+    return args
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def merge_main(argv: list[str]) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="pack_shards.py merge", description="Join job manifests into one.")
+    ap.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    ap.add_argument("--output", "-o", required=True, metavar="PATH", help="the merged manifest, e.g. DIR/index.json")
+    args = ap.parse_args(argv)
+    doc = merge_manifests(args.manifests, args.output)
+    print(f"pack_shards merge: {doc['samples']} samples, {doc['num_shards']} shards, {doc['bytes']} bytes -> "
+          f"{args.output}")
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the tool; returns the exit status (0, or 1 with a message on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["merge"]:
+            merge_main(argv[1:])
+        else:
+            pack(parse_args(argv))
+    except (PackError, FormatError, OSError) as e:
+        print(f"pack_shards: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
