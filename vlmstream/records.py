@@ -321,7 +321,9 @@ def _json_array(path: str, chunk: int = 1 << 20) -> Iterator[Any]:
             next_char()
             try:
                 value, end = decoder.raw_decode(buf, pos)
-                complete = end < len(buf) or eof  # a number at the end of the buffer may go on in the next chunk
+                # A number followed by nothing, or by what could continue it, may go on in the next chunk.
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                complete = eof or (end < len(buf) and not (number and buf[end] in "0123456789.eE+-"))
             except json.JSONDecodeError as e:
                 if eof:
                     raise fail(str(e)) from None

@@ -1,0 +1,367 @@
+"""tools/pack_shards.py end to end on easy-VQA in every input schema, read back by webdataset and GNU tar;
+and its pure maths (shuffle permutation, job partition) apart from any I/O."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import SCHEMA_CASES, TOOLS, Case, check_manifest, read_pack, run_pack, shard_bytes
+from pack_shards import Positions, job_of, job_positions, shuffled_position, shuffled_positions
+from vlmstream.format import conversation_from_sample
+
+TOOL = os.path.join(TOOLS, "pack_shards.py")
+
+
+# ----------------------------------------------------------------------------------------- the pure maths
+
+
+@given(st.integers(0, 3000), st.integers(0, 2**70))
+@settings(max_examples=60, deadline=None)
+def test_shuffle_is_a_permutation(total, seed):
+    positions = shuffled_positions(range(total), total, seed)
+    assert sorted(positions.tolist()) == list(range(total))
+
+
+def test_shuffle_depends_on_the_seed_only_and_is_pinned():
+    a = shuffled_positions(range(1000), 1000, 0).tolist()
+    assert a == shuffled_positions(range(1000), 1000, 0).tolist()
+    assert a != shuffled_positions(range(1000), 1000, 1).tolist()
+    assert a != list(range(1000))
+    # One index at a time agrees with a whole range (the packer computes positions a block at a time).
+    assert [shuffled_position(i, 1000, 0) for i in (0, 17, 999)] == [a[0], a[17], a[999]]
+    # The permutation decides which machine packs what: it must never change between versions.
+    assert shuffled_positions(range(8), 10, 42).tolist() == PINNED_10_42
+
+
+PINNED_10_42 = [0, 3, 8, 6, 9, 4, 1, 5]
+
+
+def test_shuffle_mixes_well_enough():
+    """Neighbours in the input land far apart: no long runs of consecutive positions."""
+    p = shuffled_positions(range(10000), 10000, 7)
+    runs = sum(1 for x, y in zip(p, p[1:]) if y == x + 1)
+    assert runs < 20
+    assert abs(int(p[:5000].mean()) - 5000) < 300  # the first half of the input spreads over the whole output
+
+
+def test_positions_blocks_agree_with_the_function():
+    total = Positions.BLOCK * 2 + 5
+    pos = Positions(total, seed=3)
+    for i in (0, 1, Positions.BLOCK - 1, Positions.BLOCK, total - 1):
+        assert pos(i) == shuffled_position(i, total, 3)
+    assert Positions(total, None)(1234) == 1234
+
+
+@given(st.integers(0, 500), st.integers(1, 12))
+def test_each_position_goes_to_exactly_one_job(total, num_jobs):
+    shares = [job_positions(j, num_jobs, total) for j in range(num_jobs)]
+    assert [p for s in shares for p in s] == list(range(total))  # disjoint, contiguous, complete, in order
+    for j, share in enumerate(shares):
+        assert all(job_of(p, total, num_jobs) == j for p in share)
+        assert len(share) in (total // num_jobs, -(-total // num_jobs))  # near-equal
+
+
+def test_job_positions_rejects_bad_jobs():
+    with pytest.raises(ValueError):
+        job_positions(3, 3, 10)
+
+
+# ------------------------------------------------------------------------------------ every input schema
+
+
+def check_samples(samples: list[dict], case: Case, indices: list[int] | None = None) -> None:
+    """Field by field against the original records: keys, turns, image bytes and names, meta."""
+    indices = list(range(len(case.expected))) if indices is None else indices
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in indices]
+    for s, i in zip(samples, indices):
+        exp = case.expected[i]
+        doc = json.loads(s["json"])
+        assert doc["messages"] == exp.messages
+        assert doc["images"] == [f"{n}.png" for n in range(len(exp.images))]  # sniffed: easy-VQA is PNG
+        assert [s[name] for name in doc["images"]] == exp.images  # the original bytes, unchanged
+        assert set(s) - {"__key__", "__url__", "__local_path__"} == {"json", *doc["images"]}
+        meta = {"source": case.inputs[0], "position": i, **exp.fields}  # every case is one input
+        if case.jsonl:
+            meta["line"] = i + 1
+        assert doc["meta"] == meta
+        assert conversation_from_sample(s).messages == exp.messages  # our own reader agrees
+
+
+@pytest.mark.parametrize("name", SCHEMA_CASES)
+def test_pack_each_schema(name, request, tmp_path):
+    case: Case = request.getfixturevalue(name)
+    out = str(tmp_path / "out")
+    assert run_pack(case.inputs, out, *case.args, "--maxcount", "25") == 0
+    samples = read_pack(out)
+    check_samples(samples, case)
+    doc = check_manifest(out)
+    n = len(case.expected)
+    assert doc["samples"] == n and doc["num_shards"] == -(-n // 25)
+    assert [s["samples"] for s in doc["shards"]] == [25] * (n // 25) + ([n % 25] if n % 25 else [])
+    assert doc["packing"]["rejects"] == 0
+    assert open(os.path.join(out, "rejects.jsonl")).read() == ""
+
+
+def test_several_inputs_number_records_in_the_order_given(llava_jsonl, finevision_parquet, tmp_path):
+    out = str(tmp_path / "out")
+    assert run_pack(llava_jsonl.inputs + finevision_parquet.inputs, out) == 0
+    samples = read_pack(out)
+    n1 = len(llava_jsonl.expected)
+    assert len(samples) == n1 + len(finevision_parquet.expected)
+    assert samples[n1]["__key__"] == f"{n1:09d}"
+    meta = json.loads(samples[n1]["json"])["meta"]
+    assert (meta["source"], meta["position"]) == (finevision_parquet.inputs[0], 0)
+    assert json.loads(samples[n1]["json"])["messages"] == finevision_parquet.expected[0].messages
+
+
+def test_gnu_tar_lists_the_members_webdataset_reads(llava_jsonl, tmp_path):
+    """Through the real command line, once: GNU tar reads the shards and sees the same members in order."""
+    out = str(tmp_path / "out")
+    proc = subprocess.run([sys.executable, TOOL, *llava_jsonl.inputs, "--output", out, "--maxcount", "40"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "61 samples, 2 shards" in proc.stdout and "0 rejects" in proc.stdout
+    listed = []
+    for s in check_manifest(out)["shards"]:
+        tar = subprocess.run(["tar", "-tvf", os.path.join(out, s["url"])], capture_output=True, text=True, check=True)
+        assert tar.stderr == ""
+        for line in tar.stdout.splitlines():
+            mode, owner, *_, name = line.split()
+            assert (mode, owner) == ("-rw-r--r--", "0/0")
+            listed.append(name)
+    expected = [f"{s['__key__']}.{ext}" for s in read_pack(out) for ext in ["json", *json.loads(s["json"])["images"]]]
+    assert listed == expected
+
+
+# --------------------------------------------------------------------------------------------- determinism
+
+
+def test_two_runs_and_any_worker_count_give_identical_bytes(llava_jsonl, finevision_parquet, tmp_path):
+    inputs = llava_jsonl.inputs + finevision_parquet.inputs
+    runs = []
+    for n, workers in enumerate(["1", "1", "2"]):
+        out = str(tmp_path / f"out{n}")
+        assert run_pack(inputs, out, "--maxcount", "30", "--workers", workers) == 0
+        runs.append(shard_bytes(out))
+    assert runs[0] == runs[1] == runs[2]
+    assert len(runs[0]) == 5 + 2  # 121 samples in shards of 30, index.json, rejects.jsonl
+
+
+# ------------------------------------------------------------------------------------------------- shuffle
+
+
+def _keys_and_json(samples):
+    return {s["__key__"]: (s["json"], s["0.png"]) for s in samples}
+
+
+def test_shuffle_permutes_across_many_shards(finevision_json, tmp_path):
+    plain = str(tmp_path / "plain")
+    run_pack(finevision_json.inputs, plain)
+    packs = {}
+    for name, seed, bucket in [("a", 1, 7), ("b", 1, 1024), ("c", 2, 7)]:
+        out = str(tmp_path / name)
+        assert run_pack(finevision_json.inputs, out, "--shuffle", "--seed", str(seed), "--maxcount", "4",
+                        "--bucket-size", str(bucket)) == 0
+        doc = check_manifest(out)
+        assert doc["num_shards"] == 15 and doc["packing"]["shuffle_seed"] == seed
+        packs[name] = read_pack(out)
+        assert not [f for f in os.listdir(out) if f.startswith(".pack-tmp")]  # temporary buckets removed
+    reference = _keys_and_json(read_pack(plain))
+    for samples in packs.values():
+        assert _keys_and_json(samples) == reference  # the same samples, keys and bytes
+    order = {name: [s["__key__"] for s in samples] for name, samples in packs.items()}
+    assert order["a"] == order["b"]  # the bucket size bounds memory, it does not change the output
+    assert order["a"] != order["c"] and order["a"] != sorted(order["a"])
+    n = len(finevision_json.expected)
+    assert [int(k) for k in order["a"]] == sorted(range(n), key=lambda i: shuffled_position(i, n, 1))
+
+
+def test_shuffle_is_byte_identical_across_runs_and_workers(finevision_parquet, tmp_path):
+    runs = []
+    for n, workers in enumerate(["1", "2"]):
+        out = str(tmp_path / f"out{n}")
+        run_pack(finevision_parquet.inputs, out, "--shuffle", "--seed", "5", "--maxcount", "8", "--bucket-size", "5",
+                 "--workers", workers)
+        runs.append(shard_bytes(out))
+    assert runs[0] == runs[1]
+
+
+# ---------------------------------------------------------------------------------------------------- jobs
+
+
+@pytest.mark.parametrize("shuffle", [[], ["--shuffle", "--seed", "3"]], ids=["ordered", "shuffled"])
+def test_jobs_partition_and_merge(llava_jsonl, shuffle, tmp_path):
+    out = str(tmp_path / "out")
+    inputs = llava_jsonl.inputs
+    for j in range(3):
+        assert run_pack(inputs, out, *shuffle, "--maxcount", "8", "--job-index", str(j), "--num-jobs", "3") == 0
+    keys = []
+    for j in range(3):
+        check_manifest(out, f"index.j{j:04d}.json")
+        part = [s["__key__"] for s in read_pack(out, f"index.j{j:04d}.json")]
+        assert all(f"-j{j:04d}-" in s["__url__"] for s in read_pack(out, f"index.j{j:04d}.json"))
+        assert len(part) in (20, 21)
+        keys.append(part)
+    assert sorted(k for part in keys for k in part) == [f"{i:09d}" for i in range(61)]  # disjoint, complete
+    assert sorted(os.listdir(out)) == sorted(
+        [f"index.j{j:04d}.json" for j in range(3)] + [f"rejects.j{j:04d}.jsonl" for j in range(3)]
+        + [f"shard-j{j:04d}-{n:06d}.tar" for j in range(3) for n in range(3)]
+    )
+    manifests = [os.path.join(out, f"index.j{j:04d}.json") for j in range(3)]
+    assert run_pack_merge(manifests, os.path.join(out, "index.json")) == 0
+    doc = check_manifest(out)
+    assert doc["samples"] == 61 and doc["num_shards"] == 9
+    merged = read_pack(out)
+    assert [s["__key__"] for s in merged] == [k for part in keys for k in part]
+    if not shuffle:  # without shuffle the jobs' parts follow each other: the merged pack is the plain one
+        check_samples(merged, llava_jsonl)
+
+
+def run_pack_merge(manifests, output):
+    from pack_shards import main
+
+    return main(["merge", *manifests, "--output", output])
+
+
+def test_merging_a_manifest_twice_is_an_error(llava_json, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    run_pack(llava_json.inputs, out, "--job-index", "0", "--num-jobs", "2")
+    m = os.path.join(out, "index.j0000.json")
+    assert run_pack_merge([m, m], os.path.join(out, "index.json")) == 1
+    assert "already listed" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "index.json"))
+
+
+def test_merge_command_line(llava_json, tmp_path):
+    out = str(tmp_path / "out")
+    for j in range(2):
+        run_pack(llava_json.inputs, out, "--job-index", str(j), "--num-jobs", "2")
+    proc = subprocess.run([sys.executable, TOOL, "merge", os.path.join(out, "index.j0000.json"),
+                           os.path.join(out, "index.j0001.json"), "--output", os.path.join(out, "index.json")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    check_samples(read_pack(out), llava_json)
+
+
+# --------------------------------------------------------------------------------------- shard boundaries
+
+
+def test_maxsize_closes_shards_before_they_grow_past_it(llava_jsonl, tmp_path):
+    out = str(tmp_path / "out")
+    maxsize = 20 * 1024
+    assert run_pack(llava_jsonl.inputs, out, "--maxsize", str(maxsize)) == 0
+    doc = check_manifest(out)
+    assert doc["num_shards"] > 5
+    assert all(s["bytes"] <= maxsize for s in doc["shards"])
+    check_samples(read_pack(out), llava_jsonl)
+
+
+def test_a_sample_larger_than_maxsize_gets_a_shard_of_its_own(llava_jsonl, tmp_path):
+    out = str(tmp_path / "out")
+    assert run_pack(llava_jsonl.inputs, out, "--maxsize", "1000") == 0
+    doc = check_manifest(out)
+    assert [s["samples"] for s in doc["shards"]] == [1] * 61
+
+
+def test_max_side_reencodes_larger_images_only(vqa, data_dir, tmp_path):
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    rgba = tmp_path / "rgba.png"
+    Image.open(vqa.paths[vqa.ids[0]]).convert("RGB").resize((300, 150)).save(big)
+    Image.new("RGBA", (90, 200), (255, 0, 0, 128)).save(rgba)
+    records = [{"image": str(p), "caption": "x"} for p in (big, rgba)]
+    records.append({"image": f"images/{vqa.ids[1]}.png", "caption": "small"})
+    src = os.path.join(data_dir, "max_side.json")
+    with open(src, "w") as f:
+        json.dump(records, f)
+    out = str(tmp_path / "out")
+    assert run_pack([src], out, "--max-side", "64", "--jpeg-quality", "80") == 0
+    samples = read_pack(out)
+    assert [json.loads(s["json"])["images"] for s in samples] == [["0.jpg"], ["0.png"], ["0.png"]]
+    for s, size in zip(samples, [(64, 32), (29, 64), (64, 64)]):
+        ext = json.loads(s["json"])["images"][0]
+        assert Image.open(__import__("io").BytesIO(s[ext])).size == size
+    assert Image.open(__import__("io").BytesIO(samples[1]["0.png"])).mode == "RGBA"
+    assert samples[2]["0.png"] == vqa.png[vqa.ids[1]]  # 64 px: not larger than --max-side, kept as it was
+
+
+# -------------------------------------------------------------------------------------------------- rejects
+
+
+@pytest.fixture
+def bad_jsonl(vqa, data_dir):
+    good = lambda i: {"image": f"images/{i}.png", "conversations": [  # noqa: E731
+        {"from": "human", "value": "<image>\nwhat shape?"}, {"from": "gpt", "value": "circle"}]}
+    lines = [
+        json.dumps(good(vqa.ids[0])),
+        json.dumps({**good(vqa.ids[1]), "image": "images/missing.png"}),
+        "{not json",
+        "",  # a blank line is not a record
+        json.dumps({**good(vqa.ids[2]), "conversations": [{"from": "human", "value": "<image><image> two?"},
+                                                          {"from": "gpt", "value": "no"}]}),
+        json.dumps({"image": f"images/{vqa.ids[3]}.png", "conversations": []}),
+        json.dumps({**good(vqa.ids[4]), "conversations": [{"from": "human", "value": "<image> hi"}]}),
+        json.dumps(good(vqa.ids[5])),
+    ]
+    path = os.path.join(data_dir, "bad.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def test_bad_records_are_rejected_with_position_and_reason(bad_jsonl, tmp_path):
+    out = str(tmp_path / "out")
+    assert run_pack([bad_jsonl], out) == 0
+    assert [s["__key__"] for s in read_pack(out)] == ["000000000", "000000006"]
+    with open(os.path.join(out, "rejects.jsonl")) as f:
+        rejects = [json.loads(line) for line in f]
+    assert [(r["source"], r["position"], r["line"], r["index"]) for r in rejects] == [
+        (bad_jsonl, 1, 2, 1), (bad_jsonl, 2, 3, 2), (bad_jsonl, 3, 5, 3), (bad_jsonl, 4, 6, 4), (bad_jsonl, 5, 7, 5)]
+    reasons = [r["reason"] for r in rejects]
+    assert reasons[0].startswith("missing image") and reasons[0].endswith("images/missing.png")
+    assert reasons[1].startswith("invalid JSON")
+    assert reasons[2] == "2 <image> placeholders but 1 images"
+    assert reasons[3] == "empty conversation"
+    assert reasons[4] == "no assistant answer"
+    assert check_manifest(out)["packing"]["rejects"] == 5
+
+
+def test_strict_stops_naming_the_record(bad_jsonl, tmp_path):
+    out = str(tmp_path / "out")
+    proc = subprocess.run([sys.executable, TOOL, bad_jsonl, "--output", out, "--strict", "--workers", "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert f"{bad_jsonl} at position 1 (line 2)" in proc.stderr and "missing image" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(os.path.join(out, "index.json"))
+
+
+def test_strict_with_workers_stops_them_and_keeps_no_partial_shard(bad_jsonl, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert run_pack([bad_jsonl], out, "--strict", "--workers", "2") == 1
+    assert f"{bad_jsonl} at position 1 (line 2)" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["rejects.jsonl"]  # the unfinished shard is dropped, no manifest
+
+
+def test_an_input_of_unknown_schema_is_a_clear_error(data_dir, tmp_path, capsys):
+    path = os.path.join(data_dir, "unknown.jsonl")
+    with open(path, "w") as f:
+        f.write('{"question": "q", "answer": "a"}\n')
+    assert run_pack([path], str(tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert path in err and "--format" in err and "question" in err
+
+
+def test_bad_arguments_exit_with_usage(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_pack(["x.json"], str(tmp_path), "--shuffle")
+    assert e.value.code == 2 and "--seed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_pack(["x.json"], str(tmp_path), "--job-index", "3", "--num-jobs", "3")
