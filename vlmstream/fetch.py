@@ -102,9 +102,13 @@ class HTTPClient:
         if old is not None:
             old.close()
 
-    def request(self, url: str, start: int = 0) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection, str]:
-        """GET url (from byte `start`), following redirects; one attempt, errors raised as they come."""
-        headers = dict(self.opts.headers)
+    def request(self, url: str, start: int = 0, headers: Mapping[str, str] | None = None
+                ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection, str]:
+        """GET url (from byte `start`), following redirects; one attempt, errors raised as they come.
+
+        ``headers`` add to the options' for this request; Authorization is dropped once a redirect leaves the host.
+        """
+        headers = {**self.opts.headers, **(headers or {})}
         origin = urlsplit(url).netloc
         for _ in range(10):
             parts = urlsplit(url)
@@ -143,8 +147,9 @@ class _Retry(Exception):
 class HTTPStream(io.RawIOBase):
     """A readable stream over one HTTP(S) URL that retries and resumes by Range where it broke."""
 
-    def __init__(self, url: str, client: HTTPClient):
+    def __init__(self, url: str, client: HTTPClient, headers: Mapping[str, str] | None = None):
         self.url, self.client, self.opts = url, client, client.opts
+        self._headers = headers  # per-URL headers (an hf:// token): kept out of errors and reprs
         self.pos = 0
         self.length: int | None = None
         self.etag: str | None = None
@@ -159,7 +164,7 @@ class HTTPStream(io.RawIOBase):
 
     # -- one attempt at each step; _attempt wraps them in the retry policy
     def _open(self) -> None:
-        resp, conn, final = self.client.request(self.url, self.pos)
+        resp, conn, final = self.client.request(self.url, self.pos, self._headers)
         status = resp.status
         if status in RETRY_STATUS:
             wait = _retry_after(resp.getheader("Retry-After"))
@@ -261,18 +266,13 @@ def open_url(url: str, *, client: HTTPClient | None = None, allow_pipe: bool = F
             raise FetchError(f"{url[:40]!r}: pipe: URLs run shell commands; pass allow_pipe=True to use them")
         proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=buffer_size)
         return proc.stdout
+    headers = None
     if url.startswith("hf://"):
         url, token = hf_resolve_url(url, hf_token)
-        if client is None:
-            client = HTTPClient(FetchOptions(), FetchStats())
-        if token:
-            client = HTTPClient(
-                FetchOptions(**{**client.opts.__dict__, "headers": {**client.opts.headers, "Authorization": f"Bearer {token}"}}),
-                client.stats,
-            )
+        headers = {"Authorization": f"Bearer {token}"} if token else None
     if url.startswith(("http://", "https://")):
         client = client or HTTPClient(FetchOptions(), FetchStats())
-        return io.BufferedReader(HTTPStream(url, client), buffer_size)
+        return io.BufferedReader(HTTPStream(url, client, headers), buffer_size)
     path = url[7:] if url.startswith("file://") else url
     try:
         return open(path, "rb", buffering=buffer_size)
@@ -281,15 +281,18 @@ def open_url(url: str, *, client: HTTPClient | None = None, allow_pipe: bool = F
 
 
 def hf_resolve_url(url: str, token: str | bool | None = None) -> tuple[str, str | None]:
-    """hf://datasets/ORG/NAME[@REV]/PATH -> the Hub's resolve URL and the token to send (never logged)."""
-    from huggingface_hub import get_token, hf_hub_url
+    """hf://datasets/ORG/NAME[@REV]/PATH -> the Hub's resolve URL and the token to send (never logged).
+
+    Both as huggingface_hub's own downloads: the endpoint from ``HF_ENDPOINT``; the token a string, none for
+    False, else the user's (``HF_TOKEN``, the token file; True requires one; ``HF_HUB_DISABLE_IMPLICIT_TOKEN``).
+    """
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import get_token_to_send
 
     from .shardlist import parse_hf_url
 
     repo_type, repo_id, revision, path = parse_hf_url(url)
-    if token is None or token is True:
-        token = get_token()
-    return hf_hub_url(repo_id, path, repo_type=repo_type, revision=revision), (token or None)
+    return hf_hub_url(repo_id, path, repo_type=repo_type, revision=revision), (get_token_to_send(token) or None)
 
 
 # ------------------------------------------------------------------------------------------------ read-ahead

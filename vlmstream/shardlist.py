@@ -15,9 +15,11 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
+from urllib.parse import quote, unquote
 
 import braceexpand
 
@@ -47,17 +49,32 @@ def _join(base: str, rel: str) -> str:
     return os.path.normpath(os.path.join(os.path.dirname(base), rel))
 
 
+# After "@": a revision is one path segment (percent-encode a "/" in it), except the Hub's special refs.
+_HF_NAME_REV = re.compile(r"([^/@]+)(?:@(refs/(?:convert/[\w.-]+|pr/\d+)|[^/]+))?/(.+)")
+
+
 def parse_hf_url(url: str) -> tuple[str, str, str | None, str]:
-    """hf://datasets/ORG/NAME[@REV]/PATH -> (repo_type, repo_id, revision, path)."""
+    """hf://datasets/ORG/NAME[@REV]/PATH -> (repo_type, repo_id, revision, path).
+
+    REV is a branch, tag or commit, percent-encoded where it holds a "/" (``@refs%2Fpr%2F1``); the Hub's
+    special refs ``refs/pr/N`` and ``refs/convert/NAME`` may also be written as they are.
+    """
     rest = url[len("hf://"):]
     kind, _, rest = rest.partition("/")
     if kind not in ("datasets", "models", "spaces"):
         raise ValueError(f"{url}: expected hf://datasets/ORG/NAME/PATH")
-    parts = rest.split("/", 2)
-    if len(parts) < 3 or not parts[2]:
+    org, _, rest = rest.partition("/")
+    m = _HF_NAME_REV.fullmatch(rest)
+    if not org or m is None:
         raise ValueError(f"{url}: expected hf://{kind}/ORG/NAME/PATH")
-    name, _, revision = parts[1].partition("@")
-    return kind[:-1], f"{parts[0]}/{name}", revision or None, parts[2]
+    name, revision, path = m.groups()
+    return kind[:-1], f"{org}/{name}", unquote(revision) if revision else None, path
+
+
+def hf_url(repo_type: str, repo_id: str, revision: str | None, path: str) -> str:
+    """The inverse of parse_hf_url."""
+    at = f"@{quote(revision, safe='')}" if revision else ""
+    return f"hf://{repo_type}s/{repo_id}{at}/{path}"
 
 
 def _read_manifest_bytes(url: str, opener) -> bytes:
@@ -80,11 +97,19 @@ def _list_hf(url: str, token: str | bool | None) -> list[ShardSpec]:
     from huggingface_hub import HfApi
 
     repo_type, repo_id, revision, pattern = parse_hf_url(url)
-    files = HfApi().list_repo_files(repo_id, repo_type=repo_type, revision=revision, token=token)
+    files = set(HfApi().list_repo_files(repo_id, repo_type=repo_type, revision=revision, token=token))
     wanted = set(braceexpand.braceexpand(pattern))
-    picked = sorted(f for f in files if f in wanted or any(fnmatch.fnmatchcase(f, w) for w in wanted))
-    at = f"@{revision}" if revision else ""
-    return [ShardSpec(f"hf://{repo_type}s/{repo_id}{at}/{f}") for f in picked]
+    missing = sorted(w for w in wanted if w not in files and not any(c in w for c in "*?["))
+    if missing:  # a name given in full (not a glob) must exist: never drop a shard silently
+        raise FileNotFoundError(f"{url}: {len(missing)} named file(s) not in the repo, e.g. {missing[0]!r}")
+    picked = sorted(f for f in files if f in wanted or any(_glob_match(f, w) for w in wanted))
+    return [ShardSpec(hf_url(repo_type, repo_id, revision, f)) for f in picked]
+
+
+def _glob_match(path: str, pattern: str) -> bool:
+    """Glob as for local paths: "*", "?" and "[...]" match within one path segment, never across "/"."""
+    parts, pats = path.split("/"), pattern.split("/")
+    return len(parts) == len(pats) and all(fnmatch.fnmatchcase(a, p) for a, p in zip(parts, pats))
 
 
 def resolve(spec: str | Sequence[str], *, opener=None, hf_token: str | bool | None = None) -> list[ShardSpec]:
@@ -98,7 +123,7 @@ def resolve(spec: str | Sequence[str], *, opener=None, hf_token: str | bool | No
             repo_type, repo_id, revision, path = parse_hf_url(spec)
             local = hf_hub_download(repo_id, path, repo_type=repo_type, revision=revision, token=hf_token)
             with open(local, "rb") as f:
-                return [ShardSpec(_join(spec, s.url), s.samples, s.sha256) for s in _from_manifest(spec, f.read())]
+                return _from_manifest(spec, f.read())  # relative shard URLs: same repo and revision
         return _list_hf(spec, hf_token)
     if spec.endswith(".json"):
         if opener is None:

@@ -1,0 +1,281 @@
+"""A local stand-in for the Hugging Face Hub's file API, on loopback, for huggingface_hub's own client.
+
+It serves folders as dataset repos (one folder per revision) and answers just what huggingface_hub 2.4.0
+calls for ``HfApi().list_repo_files(...)``, ``hf_hub_download(...)`` and a plain GET of a resolve URL:
+
+- ``GET /api/datasets/ORG/NAME/tree/REV[/PATH]?recursive=&expand=[&cursor=]``: JSON entries
+  (``type``, ``oid``, ``size``, ``path``, ``lfs`` for LFS files), paged with a ``Link: <...>; rel="next"`` header
+  like the Hub's cursor pagination;
+- ``HEAD`` / ``GET /datasets/ORG/NAME/resolve/REV/PATH``: the file with ``ETag`` (git blob sha1), ``X-Repo-Commit``,
+  ``Content-Length``, ``Accept-Ranges`` and Range support (206 + ``Content-Range``, 416); for "LFS" files (``.tar``
+  by default) a 302 to a second server, the "CDN", with ``X-Linked-Etag`` (sha256), ``X-Linked-Size`` and a signed
+  looking ``Location``, as the Hub redirects to its storage host;
+- ``GET /api/agent-harnesses``: an empty registry (huggingface_hub fetches it once to build its user-agent);
+- errors as the Hub sends them: 404 with ``X-Error-Code`` ``RepoNotFound`` / ``RevisionNotFound`` /
+  ``EntryNotFound``, and 401 when a token is configured and the request lacks ``Authorization: Bearer <token>``.
+
+The CDN serves content by sha256, accepts Range, needs no token, and ignores its signature. Both servers record
+every request (server, method, path, query, whether Authorization was sent, Range, status, the client's port)
+in ``log``; the token itself is never recorded.
+
+The Hub URL-encodes a revision as one path segment (``refs%2Fpr%2F1``); so does this server. Commit hashes
+are derived from (repo, revision) and are accepted as revisions too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import re
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+
+@dataclass(frozen=True)
+class Request:
+    server: str  # "hub" or "cdn"
+    method: str
+    path: str  # decoded path, without the query
+    query: str
+    auth: bool  # an Authorization header was sent
+    range: str | None  # the Range header
+    status: int
+    client_port: int  # one per TCP connection: counts keep-alive reuse
+
+
+def commit_of(repo_id: str, revision: str) -> str:
+    return hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client hanging up mid-body is no news
+            super().handle_error(request, client_address)
+
+
+class HubStandin:
+    """``with HubStandin({"org/ds": {"main": folder, "v1": other}}, token="...") as hub: hub.url ...``
+
+    ``lfs``: which paths are "LFS" files, redirected to the CDN (``cdn=False``: none, all served directly).
+    ``page_size``: entries per page of a tree listing (the Hub's is 1000).
+    """
+
+    def __init__(self, repos: Mapping[str, Mapping[str, str]], *, token: str | None = None, cdn: bool = True,
+                 lfs: tuple[str, ...] = (".tar",), page_size: int = 1000):
+        self.repos = {rid: dict(revs) for rid, revs in repos.items()}
+        self.token, self.cdn_enabled, self.lfs, self.page_size = token, cdn, lfs, page_size
+        self.log: list[Request] = []
+        self.unknown: list[str] = []  # "METHOD /path" of requests for endpoints the stand-in does not implement
+        self._blobs: dict[str, str] = {}  # sha256 -> file, registered when resolve redirects to the CDN
+        self._lock = threading.Lock()
+        self.hub = _Server(("127.0.0.1", 0), self._handler("hub"))
+        self.cdn = _Server(("127.0.0.1", 0), self._handler("cdn"))
+        self.url = f"http://127.0.0.1:{self.hub.server_address[1]}"
+        self.cdn_url = f"http://127.0.0.1:{self.cdn.server_address[1]}"
+        self._threads = [threading.Thread(target=s.serve_forever, args=(0.05,), daemon=True)
+                         for s in (self.hub, self.cdn)]
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def __enter__(self) -> "HubStandin":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s in (self.hub, self.cdn):
+            s.shutdown()
+            s.server_close()
+
+    # ---------------------------------------------------------------------------------------------- queries
+    def requests(self, server: str | None = None, method: str | None = None, prefix: str = "") -> list[Request]:
+        with self._lock:
+            return [r for r in self.log if (server is None or r.server == server)
+                    and (method is None or r.method == method) and r.path.startswith(prefix)]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.log.clear()
+            self.unknown.clear()
+
+    # ------------------------------------------------------------------------------------------------ repos
+    def _folder(self, repo_id: str, revision: str) -> tuple[str, str] | None:
+        """(folder, commit) of a revision given by name or by commit hash."""
+        revs = self.repos[repo_id]
+        if revision in revs:
+            return revs[revision], commit_of(repo_id, revision)
+        for name, folder in revs.items():
+            if commit_of(repo_id, name) == revision:
+                return folder, revision
+        return None
+
+    def _is_lfs(self, path: str) -> bool:
+        return self.cdn_enabled and path.endswith(self.lfs)
+
+    def _entries(self, folder: str, under: str, recursive: bool) -> Iterable[dict]:
+        base = os.path.join(folder, under) if under else folder
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            rel_dir = os.path.relpath(dirpath, folder).replace(os.sep, "/")
+            rel_dir = "" if rel_dir == "." else rel_dir + "/"
+            for d in dirnames:
+                yield {"type": "directory", "oid": hashlib.sha1(f"tree {rel_dir}{d}".encode()).hexdigest(),
+                       "size": 0, "path": rel_dir + d}
+            for f in sorted(filenames):
+                with open(os.path.join(dirpath, f), "rb") as fh:
+                    data = fh.read()
+                entry = {"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": rel_dir + f}
+                if self._is_lfs(rel_dir + f):
+                    entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                yield entry
+            if not recursive:
+                break
+
+    # ---------------------------------------------------------------------------------------------- handler
+    def _handler(self, server: str) -> type:
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _reply(self, status: int, body: bytes = b"", headers: Mapping[str, str] | None = None) -> None:
+                parts = urlsplit(self.path)
+                with hub._lock:
+                    hub.log.append(Request(server, self.command, unquote(parts.path), parts.query,
+                                           "Authorization" in self.headers, self.headers.get("Range"), status,
+                                           self.client_address[1]))
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _error(self, status: int, code: str | None, message: str, extra: Mapping[str, str] | None = None):
+                headers = {"Content-Type": "application/json", "X-Error-Message": message, **(extra or {})}
+                if code:
+                    headers["X-Error-Code"] = code
+                self._reply(status, json.dumps({"error": message}).encode(), headers)
+
+            def _file(self, file: str, headers: dict[str, str]) -> None:
+                """The file, or the byte range asked for (206), with the given headers."""
+                with open(file, "rb") as f:
+                    data = f.read()
+                headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream", **headers}
+                m = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").strip())
+                if not m or not (m.group(1) or m.group(2)):
+                    self._reply(200, data, headers)
+                    return
+                if m.group(1):
+                    start = int(m.group(1))
+                    end = min(int(m.group(2)), len(data) - 1) if m.group(2) else len(data) - 1
+                else:  # a suffix: the last N bytes
+                    start, end = max(0, len(data) - int(m.group(2))), len(data) - 1
+                if start >= len(data) or start > end:
+                    self._reply(416, b"", {**headers, "Content-Range": f"bytes */{len(data)}"})
+                    return
+                headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+                self._reply(206, data[start:end + 1], headers)
+
+            def do_HEAD(self) -> None:
+                self.do_GET()
+
+            def do_GET(self) -> None:
+                try:
+                    if server == "cdn":
+                        self._cdn()
+                    else:
+                        self._hub()
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+            def _cdn(self) -> None:
+                m = re.fullmatch(r"/blobs/([0-9a-f]{64})", urlsplit(self.path).path)
+                file = hub._blobs.get(m.group(1)) if m else None
+                if file is None:
+                    self._error(404, None, "no such blob")
+                    return
+                self._file(file, {"ETag": f'"{m.group(1)}"'})
+
+            def _hub(self) -> None:
+                parts = urlsplit(self.path)
+                seg = parts.path.split("/")  # split before decoding: a revision may hold an encoded "/"
+                if parts.path == "/api/agent-harnesses":
+                    self._reply(200, b'{"standardEnvVars": [], "harnesses": {}}', {"Content-Type": "application/json"})
+                    return
+                if len(seg) >= 7 and seg[1:3] == ["api", "datasets"] and seg[5] == "tree":
+                    api, org, name, revision, path = True, seg[3], seg[4], seg[6], seg[7:]
+                elif len(seg) >= 7 and seg[1] == "datasets" and seg[4] == "resolve":
+                    api, org, name, revision, path = False, seg[2], seg[3], seg[5], seg[6:]
+                else:
+                    with hub._lock:
+                        hub.unknown.append(f"{self.command} {parts.path}")
+                    self._error(404, None, f"the stand-in does not implement {self.command} {parts.path}")
+                    return
+                repo_id, revision, path = f"{unquote(org)}/{unquote(name)}", unquote(revision), unquote("/".join(path))
+                if hub.token is not None and self.headers.get("Authorization") != f"Bearer {hub.token}":
+                    self._error(401, "RepoNotFound", "Invalid credentials in Authorization header")
+                    return
+                if repo_id not in hub.repos:
+                    self._error(404, "RepoNotFound", "Repository not found")
+                    return
+                found = hub._folder(repo_id, revision)
+                if found is None:
+                    self._error(404, "RevisionNotFound", "Invalid rev id: " + revision)
+                    return
+                folder, commit = found
+                if api:
+                    self._tree(folder, revision, path, parse_qs(parts.query), commit)
+                else:
+                    self._resolve(folder, path, commit)
+
+            def _tree(self, folder: str, revision: str, path: str, q: dict, commit: str) -> None:
+                if path and (".." in path.split("/") or not os.path.isdir(os.path.join(folder, path))):
+                    self._error(404, "EntryNotFound", f"{path} does not exist on {revision!r}",
+                                {"X-Repo-Commit": commit})
+                    return
+                entries = list(hub._entries(folder, path, q.get("recursive", ["false"])[0].lower() == "true"))
+                start = int(q.get("cursor", ["0"])[0])
+                page = entries[start:start + hub.page_size]
+                headers = {"Content-Type": "application/json", "X-Repo-Commit": commit}
+                if start + hub.page_size < len(entries):
+                    rest = {k: v[0] for k, v in q.items() if k != "cursor"}
+                    query = "&".join(f"{k}={quote(v)}" for k, v in rest.items())
+                    nxt = f"{hub.url}{urlsplit(self.path).path}?{query}&cursor={start + hub.page_size}"
+                    headers["Link"] = f'<{nxt}>; rel="next"'
+                self._reply(200, json.dumps(page).encode(), headers)
+
+            def _resolve(self, folder: str, path: str, commit: str) -> None:
+                file = os.path.join(folder, path)
+                if not path or ".." in path.split("/") or not os.path.isfile(file):
+                    self._error(404, "EntryNotFound", f"{path} does not exist", {"X-Repo-Commit": commit})
+                    return
+                with open(file, "rb") as f:
+                    data = f.read()
+                etag = git_blob_sha1(data)
+                if hub._is_lfs(path):
+                    sha = hashlib.sha256(data).hexdigest()
+                    with hub._lock:
+                        hub._blobs[sha] = file
+                    location = f"{hub.cdn_url}/blobs/{sha}?X-Amz-Expires=3600&X-Amz-Signature=s3cr3tsig"
+                    self._reply(302, b"", {"Location": location, "ETag": f'"{etag}"', "X-Repo-Commit": commit,
+                                           "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data))})
+                    return
+                self._file(file, {"ETag": f'"{etag}"', "X-Repo-Commit": commit})
+
+        return Handler
