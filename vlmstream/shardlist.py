@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import posixpath
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -166,6 +167,8 @@ class shards:
     Each item is ``{"url", "shard" (index in the resolved list), "samples" (or None), "num_shards"}``.
     ``shuffle`` reorders shards each epoch from (seed, epoch); the seed defaults to the pipeline's.
     ``listing_cache``: a folder where ranks of one machine share the listing for ``listing_ttl`` seconds.
+    ``resample=True``: endless; each (rank, worker) draws shards at random with replacement, seeded by
+    (seed, epoch, rank, worker). For step-based training: end each epoch with ``vs.take(batches)``.
     """
 
     def __init__(
@@ -177,6 +180,7 @@ class shards:
         listing_cache: str | None = None,
         listing_ttl: float = 3600.0,
         hf_token: str | bool | None = None,
+        resample: bool = False,
     ):
         if listing_cache is not None:
             self.specs = cached_resolve(spec, listing_cache, listing_ttl, hf_token=hf_token)
@@ -184,8 +188,7 @@ class shards:
             self.specs = resolve(spec, hf_token=hf_token)
         if not self.specs:
             raise ValueError(f"no shards found for {spec!r}")
-        self.shuffle = shuffle
-        self.seed = seed
+        self.shuffle, self.seed, self.resample = shuffle, seed, resample
         self.ctx = Context()
 
     def __len__(self) -> int:
@@ -195,9 +198,15 @@ class shards:
         self.ctx = ctx
 
     def __call__(self, _: Iterator[Any] | None = None) -> Iterator[dict[str, Any]]:
-        seed = self.ctx.seed if self.seed is None else self.seed
-        order = epoch_order(len(self.specs), seed, self.ctx.epoch, self.shuffle)
+        c = self.ctx
+        seed = c.seed if self.seed is None else self.seed
         n = len(self.specs)
-        for i in order:
+        if self.resample:
+            rng = random.Random(f"vlmstream.resample/{seed}/{c.epoch}/{c.rank}/{c.worker}")
+            while True:
+                i = rng.randrange(n)
+                s = self.specs[i]
+                yield {"url": s.url, "shard": i, "samples": s.samples, "num_shards": n, "resampled": True}
+        for i in epoch_order(n, seed, c.epoch, self.shuffle):
             s = self.specs[i]
             yield {"url": s.url, "shard": i, "samples": s.samples, "num_shards": n}

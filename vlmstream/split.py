@@ -7,6 +7,7 @@ and every rank can compute every other rank's share (for equal per-rank counts) 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence, TypeVar
 
@@ -125,6 +126,30 @@ def _known_samples(items: Sequence[dict[str, Any]]) -> list[int]:
             for c, it in zip(counts, items)]
 
 
+def _finite(it: Iterator[dict[str, Any]]) -> tuple[list[dict[str, Any]] | None, Iterator[dict[str, Any]]]:
+    """The whole shard list, or (None, the stream) when the source is resampled and endless."""
+    it = iter(it)
+    first = next(it, None)
+    if first is None:
+        return [], iter(())
+    if first.get("resampled"):
+        return None, itertools.chain([first], it)
+    return [first, *it], iter(())
+
+
+def _pad(items: list[dict[str, Any]], quota: int) -> list[dict[str, Any]]:
+    """Append repeats of these shards (marked "padding") until they hold at least `quota` samples."""
+    have = sum(_known_samples(items))
+    out = list(items)
+    k = 0
+    while have < quota and items:
+        extra = {**items[k % len(items)], "padding": True}
+        out.append(extra)
+        have += _known_samples([extra])[0]
+        k += 1
+    return out
+
+
 class split_by_node:
     """Keep this rank's shards. Rank and world size come from the pipeline unless given here.
 
@@ -150,13 +175,16 @@ class split_by_node:
         return rank, world
 
     def __call__(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        items = list(it)
+        items, endless = _finite(it)
+        if items is None:  # resampled: every slot draws on its own, nothing to split
+            yield from endless
+            return
         rank, world = self.where()
         mine = _split(items, rank, world, self.samples, "ranks")
         if self.equalize is not None:
             totals = [sum(_known_samples(_split(items, r, world, self.samples, "ranks"))) for r in range(world)]
             quota = equal_quota(totals, self.equalize)
-            mine = [{**m, "quota": quota, "quota_policy": self.equalize} for m in mine]
+            mine = [{**m, "quota": quota} for m in _pad(mine, quota)]
         yield from ({**m, "node_split": True} for m in mine)
 
 
@@ -171,7 +199,10 @@ class split_by_worker:
         self.ctx = ctx
 
     def __call__(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        items = list(it)
+        items, endless = _finite(it)
+        if items is None:
+            yield from endless
+            return
         w, n = self.ctx.worker, self.ctx.num_workers
         mine = _split(items, w, n, self.samples, "workers of this rank")
         if items and "quota" in items[0]:
@@ -199,3 +230,42 @@ class take:
             if i >= share:
                 return
             yield x
+
+
+@dataclass
+class QuotaStats:
+    padded: int = 0  # samples yielded a second time so that this slot reaches its quota
+    dropped: int = 0  # samples of this slot's shards left out so that it stops at its quota
+
+
+def slot_samples(items: Iterator[dict[str, Any]], read: Any, stats: QuotaStats | None = None) -> Iterator[Any]:
+    """Samples of the shard items this slot holds: each item's sample filter applied, and the slot's
+    quota (equal per-rank counts) enforced. `read(item)` yields the samples of one shard item."""
+    stats = stats if stats is not None else QuotaStats()
+    count = 0
+    quota = None
+    items = iter(items)
+    for item in items:
+        quota = item.get("quota")
+        if quota is not None and count >= quota:
+            # Everything this slot still holds, not yielded: counted, never silent.
+            rest = [item, *items]
+            stats.dropped += sum(_known_samples([r for r in rest if not r.get("padding")]))
+            return
+        off, step = item.get("sample_offset", 0), item.get("sample_step", 1)
+        samples = read(item)
+        try:
+            for sample in samples:
+                if step > 1 and sample["__index__"] % step != off:
+                    continue
+                if quota is not None and count >= quota:
+                    stats.dropped += not item.get("padding")
+                    continue
+                count += 1
+                if item.get("padding"):
+                    stats.padded += 1
+                yield sample
+        finally:
+            close = getattr(samples, "close", None)
+            if close is not None:
+                close()
