@@ -162,18 +162,22 @@ def _members(
                     raise TarError(
                         f"{url}: offset {start}: member {name!r} is {size} bytes, over max_member_bytes={limit}"
                     )
-                data = _read(read, size) if size else b""
+                data = read(size)
                 if len(data) != size:
-                    raise TarError(f"{url}: offset {start}: truncated member {name!r} ({len(data)} of {size} bytes)")
+                    data = _read_more(read, data, size)
+                    if len(data) != size:
+                        raise TarError(
+                            f"{url}: offset {start}: truncated member {name!r} ({len(data)} of {size} bytes)"
+                        )
                 yield name, data, start
                 chain = []
                 pad = -size % BLOCK
                 pos += BLOCK + size + pad
+                head = read(pad + BLOCK)  # the padding and the next header in one call
+                if len(head) != pad + BLOCK:
+                    head = _read_more(read, head, pad + BLOCK)
                 if pad:
-                    buf = _read(read, pad + BLOCK)  # padding and next header in one call
-                    head = buf[pad:]
-                else:
-                    head = _read(read, BLOCK)
+                    head = head[pad:]
                 continue
             data_size = size  # an unknown type: skip its data, as tarfile does
         chain = []
@@ -275,14 +279,15 @@ def _compression_hint(head: bytes, pos: int) -> str:
 def _read(read: Callable[[int], bytes], n: int) -> bytes:
     """Read ``n`` bytes, fewer only at the end of the stream (sockets and pipes return short reads)."""
     data = read(n)
-    if len(data) == n or not data:
-        return data
+    return data if len(data) == n else _read_more(read, data, n)
+
+
+def _read_more(read: Callable[[int], bytes], data: bytes, n: int) -> bytes:
+    """Complete a short read of ``n`` bytes that returned ``data``."""
     parts = [data]
     got = len(data)
-    while got < n:
+    while data and got < n:
         data = read(n - got)
-        if not data:
-            break
         parts.append(data)
         got += len(data)
     return b"".join(parts)
