@@ -414,3 +414,9 @@ def test_stage_closes_streams():
 def test_stage_needs_a_stream():
     with pytest.raises(TarError, match="fetch"):
         list(tar_samples()([{"url": "u"}]))
+
+
+def test_stage_applies_the_split_stages_sample_slice():
+    data = make_tar(sample_members(5))
+    items = [{"url": "u", "stream": io.BytesIO(data), "sample_offset": 1, "sample_step": 2}]
+    assert [s["__index__"] for s in tar_samples()(iter(items))] == [1, 3]

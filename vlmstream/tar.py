@@ -1,8 +1,8 @@
 """Streaming tar reader behind ``vs.tar_samples()``: shard bytes -> (name, data, offset) -> samples.
 
 Why not ``tarfile``: in stream mode it builds a TarInfo object per member through several layers of pure Python
-(about a quarter of webdataset's time per sample goes there), and it stops silently at a bad header after the first
-member, losing the rest of the shard. This module parses the 512-byte headers itself, reads a member's padding
+(webdataset reads about 7x fewer samples per second than this module, docs/BENCHMARKS.md), and it stops silently
+at a bad header after the first member, losing the rest of the shard. This module parses the 512-byte headers itself, reads a member's padding
 together with the next header, and raises ``TarError`` naming the URL and byte offset instead of stopping.
 
 Name rules follow Python's ``tarfile`` (ustar prefix, GNU longname, pax path and size, global pax headers);
@@ -18,6 +18,11 @@ webdataset, each one raising where webdataset would silently lose or alter data:
 - bzip2 / xz / zstd shards raise with the compression named (tarfile reads bzip2 and xz); gzip is read;
 - the mode, uid, gid, mtime and device fields are not parsed (tarfile rejects non-octal text there; the
   header checksum still covers them).
+
+And one where tarfile raises and we do not: a global pax header followed by the end of the archive (an empty
+archive written by ``tarfile`` with ``pax_headers=``) reads as no members. As in tarfile and POSIX, links,
+devices, directories and fifos (types 1-6) have no data blocks whatever their size field says; unknown types
+have their data skipped.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from __future__ import annotations
 import gzip
 import re
 import zlib
-from zlib import adler32
 from typing import Any, Callable, Iterable, Iterator, Protocol
+from zlib import adler32
 
 from .format import FormatError
+from .split import QuotaStats, slot_samples
 
 BLOCK = 512
 _ZEROS = bytes(BLOCK)
@@ -73,6 +79,7 @@ def iter_members(
 
     ``offset`` is where the member's first header (a GNU longname or pax header, if any) starts in the
     uncompressed tar stream. Gzip-compressed shards are detected from their first bytes and decompressed.
+    A member, or an extended header, over ``max_member_bytes`` raises before it is read.
     """
     read = stream.read
     head = _read(read, BLOCK)
@@ -119,7 +126,7 @@ def _members(
 
         if flag in _EXTENSIONS:
             if size < 0 or (limit is not None and size > limit):
-                raise TarError(f"{url}: offset {pos}: extended header of {size} bytes (max_member_bytes={limit})")
+                raise TarError(f"{url}: offset {pos}: extended header size {size} (max_member_bytes={limit})")
             if not chain and flag != _PAX_GLOBAL:
                 start = pos
             padded = size + (-size % BLOCK)
@@ -376,21 +383,34 @@ def read_tar_samples(stream: Readable, url: str, *, max_member_bytes: int | None
     return group_samples(iter_members(stream, url, max_member_bytes=max_member_bytes), url)
 
 
-def tar_samples(*, max_member_bytes: int | None = None) -> Callable[[Iterable[dict[str, Any]]], Iterator[Sample]]:
-    """Pipeline stage: ``{"url", "stream"}`` dicts (as a fetch stage yields them) -> samples.
+class TarSamples:
+    """The ``tar_samples()`` stage: ``{"url", "stream", ...}`` items (as the fetch stage yields them) -> samples.
 
-    Each stream is closed once its shard is read, or when the consumer stops early or an error is raised.
+    Each stream is closed once its shard is read, or when the consumer stops early or an error is raised. The
+    split stages' item keys (``sample_offset`` / ``sample_step``, ``quota``, ``padding``) are honoured through
+    ``split.slot_samples``; ``stats`` counts the samples padded or dropped by the current iteration.
     """
 
-    def stage(sources: Iterable[dict[str, Any]]) -> Iterator[Sample]:
-        for source in sources:
-            url = source.get("url", "?")
-            stream = source.get("stream")
-            if stream is None:
-                raise TarError(f"{url}: no 'stream' in {sorted(source)}; put a fetch stage before tar_samples")
-            try:
-                yield from read_tar_samples(stream, url, max_member_bytes=max_member_bytes)
-            finally:
-                stream.close()
+    def __init__(self, *, max_member_bytes: int | None = None):
+        self.max_member_bytes = max_member_bytes
+        self.stats = QuotaStats()
 
-    return stage
+    def __call__(self, items: Iterable[dict[str, Any]]) -> Iterator[Sample]:
+        self.stats = QuotaStats()  # one count per iteration (per worker slot)
+        return slot_samples(iter(items), self.read, self.stats)
+
+    def read(self, item: dict[str, Any]) -> Iterator[Sample]:
+        """All samples of one shard item, closing its stream."""
+        url = item.get("url", "?")
+        stream = item.get("stream")
+        if stream is None:
+            raise TarError(f"{url}: no 'stream' in {sorted(item)}; put a fetch stage before tar_samples")
+        try:
+            yield from read_tar_samples(stream, url, max_member_bytes=self.max_member_bytes)
+        finally:
+            stream.close()
+
+
+def tar_samples(*, max_member_bytes: int | None = None) -> TarSamples:
+    """Pipeline stage: shard streams -> samples grouped by webdataset's rules, with provenance."""
+    return TarSamples(max_member_bytes=max_member_bytes)
