@@ -101,7 +101,7 @@ def sample_members(n: int = 3, size: int = 700) -> list[tuple]:
 # ----------------------------------------------------------------------------------- property: layouts
 
 DIRS = st.sampled_from(["", "", "d/", "a/b/", "x.y/", "__meta__/", "A.B/c/", "é/", "n\nl/", "l" * 90 + "/"])
-BASES = st.sampled_from(["k", "k", "k2", "K", "k.v", ".hid", "__k__", "__", "_", "a b", "n\nl", "q" * 60, ""])
+BASES = st.sampled_from(["k", "k", "k2", "K", "k.v", ".hid", "__k__", "__", "_", "a b", "n\nl", "q" * 60, "", "\udcffz"])
 EXTS = st.sampled_from([None, "jpg", "JPG", "0.jpg", "0.JPG", "json", "tar.gz", "", "Txt", "__key__", "j/"])
 DATA = st.one_of(st.just(b""), st.binary(max_size=40), st.sampled_from([b"x" * 511, b"y" * 512, b"z" * 513]))
 
@@ -420,3 +420,13 @@ def test_stage_applies_the_split_stages_sample_slice():
     data = make_tar(sample_members(5))
     items = [{"url": "u", "stream": io.BytesIO(data), "sample_offset": 1, "sample_step": 2}]
     assert [s["__index__"] for s in tar_samples()(iter(items))] == [1, 3]
+
+
+def test_samples_never_span_shards(tmp_path):
+    (tmp_path / "a.tar").write_bytes(make_tar([("k.jpg", b"1")]))
+    (tmp_path / "b.tar").write_bytes(make_tar([("k.txt", b"2")]))
+    paths = [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    got = [{k: v for k, v in s.items() if k not in PROVENANCE}
+           for s in tar_samples()({"url": p, "stream": open(p, "rb")} for p in paths)]
+    assert got == list(wds.tarfile_to_samples()([{"url": p} for p in paths]))
+    assert [s["__key__"] for s in got] == ["k", "k"]
