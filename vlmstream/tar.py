@@ -1,7 +1,7 @@
 """Streaming tar reader behind ``vs.tar_samples()``: shard bytes -> (name, data, offset) -> samples.
 
 Why not ``tarfile``: in stream mode it builds a TarInfo object per member through several layers of pure Python
-(webdataset reads about 7x fewer samples per second than this module, docs/BENCHMARKS.md), and it stops silently
+(webdataset reads about 6x fewer samples per second than this module, docs/BENCHMARKS.md), and it stops silently
 at a bad header after the first member, losing the rest of the shard. This module parses the 512-byte headers itself, reads a member's padding
 together with the next header, and raises ``TarError`` naming the URL and byte offset instead of stopping.
 
