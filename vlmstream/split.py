@@ -184,7 +184,8 @@ class split_by_node:
         if self.equalize is not None:
             totals = [sum(_known_samples(_split(items, r, world, self.samples, "ranks"))) for r in range(world)]
             quota = equal_quota(totals, self.equalize)
-            mine = [{**m, "quota": quota} for m in _pad(mine, quota)]
+            total = sum(_known_samples(mine))
+            mine = [{**m, "quota": quota, "slot_total": total} for m in _pad(mine, quota)]
         yield from ({**m, "node_split": True} for m in mine)
 
 
@@ -204,11 +205,15 @@ class split_by_worker:
             yield from endless
             return
         w, n = self.ctx.worker, self.ctx.num_workers
-        mine = _split(items, w, n, self.samples, "workers of this rank")
-        if items and "quota" in items[0]:
-            per_worker = [sum(_known_samples(_split(items, k, n, self.samples, "workers"))) for k in range(n)]
-            quota = split_quota(items[0]["quota"], per_worker)[w]
-            mine = [{**m, "quota": quota} for m in mine]
+        # The node stage's padding is for a rank read by one worker; with several, each pads its own share.
+        real = [i for i in items if not i.get("padding")]
+        mine = _split(real, w, n, self.samples, "workers of this rank")
+        if real and "quota" in real[0]:
+            # Shares in proportion to real samples: each is >= what the worker holds when padding, <= when dropping.
+            per_worker = [sum(_known_samples(_split(real, k, n, self.samples, "workers"))) for k in range(n)]
+            quota = split_quota(real[0]["quota"], per_worker)[w]
+            total = sum(_known_samples(mine))
+            mine = [{**m, "quota": quota, "slot_total": total} for m in _pad(mine, quota)]
         yield from ({**m, "worker_split": True} for m in mine)
 
 
@@ -242,30 +247,27 @@ def slot_samples(items: Iterator[dict[str, Any]], read: Any, stats: QuotaStats |
     """Samples of the shard items this slot holds: each item's sample filter applied, and the slot's
     quota (equal per-rank counts) enforced. `read(item)` yields the samples of one shard item."""
     stats = stats if stats is not None else QuotaStats()
-    count = 0
-    quota = None
-    items = iter(items)
+    count = real = 0
+    quota = total = None
     for item in items:
-        quota = item.get("quota")
+        quota, total = item.get("quota"), item.get("slot_total")
         if quota is not None and count >= quota:
-            # Everything this slot still holds, not yielded: counted, never silent.
-            rest = [item, *items]
-            stats.dropped += sum(_known_samples([r for r in rest if not r.get("padding")]))
-            return
-        off, step = item.get("sample_offset", 0), item.get("sample_step", 1)
+            break  # the shards left are never opened
+        off, step, padding = item.get("sample_offset", 0), item.get("sample_step", 1), item.get("padding", False)
         samples = read(item)
         try:
             for sample in samples:
                 if step > 1 and sample["__index__"] % step != off:
                     continue
-                if quota is not None and count >= quota:
-                    stats.dropped += not item.get("padding")
-                    continue
                 count += 1
-                if item.get("padding"):
-                    stats.padded += 1
+                stats.padded += padding
+                real += not padding
                 yield sample
+                if quota is not None and count >= quota:
+                    break
         finally:
             close = getattr(samples, "close", None)
             if close is not None:
                 close()
+    if quota is not None and total is not None:
+        stats.dropped += total - real  # counted from the manifest, never silent
