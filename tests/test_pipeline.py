@@ -54,12 +54,13 @@ def keys_of(pipe, workers, epoch=0):
     return [s["__key__"] for s in loader]
 
 
-def test_exactly_once_over_http_for_2_ranks_x_3_workers_and_request_counts(served, tmp_path):
+@pytest.mark.parametrize("workers", [3, 4])
+def test_exactly_once_over_http_for_2_ranks_and_request_counts(served, tmp_path, workers):
     srv, total, _ = served
     start = srv.requests()
     url = f"{srv.url}/index.json"
     pipes = [chain(url, r, 2, listing_cache=str(tmp_path / "listing")) for r in range(2)]  # one machine, 2 ranks
-    keys = [k for p in pipes for k in keys_of(p, 3)]
+    keys = [k for p in pipes for k in keys_of(p, workers)]
     assert Counter(keys) == Counter(f"{i:06d}" for i in range(total))
     got = srv.requests() - start
     assert got["/index.json"] == 1

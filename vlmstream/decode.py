@@ -32,7 +32,10 @@ def open_image(data: bytes, draft: tuple[int, int] | None = None, max_pixels: in
     ``draft``: the smallest (w, h) the caller will use; JPEGs then decode at the largest 1/2^k scale that
     still covers it. ``max_pixels``: refuse larger images before decoding them (decompression bombs).
     """
-    im = Image.open(io.BytesIO(data))
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # Pillow's own, stricter-than-ours global limit
+        raise ValueError(f"image exceeds the limit of decodable pixels: {e}") from None
     if max_pixels is not None and im.width * im.height > max_pixels:
         raise ValueError(f"image of {im.width}x{im.height} pixels exceeds the limit of {max_pixels}")
     orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1

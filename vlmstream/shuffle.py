@@ -41,7 +41,8 @@ class shuffle:
         self.initial = bufsize if initial is None else initial
         self.seed = seed
         self.ctx = Context()
-        buffer_shuffle(iter(()), self.bufsize, self.initial, random.Random(0))  # validate now, not in a worker
+        if bufsize < 1 or not 1 <= self.initial <= bufsize:  # fail here, not later in a worker
+            raise ValueError(f"need 1 <= initial ({self.initial}) <= bufsize ({bufsize})")
 
     def bind(self, ctx: Context) -> None:
         self.ctx = ctx

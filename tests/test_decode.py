@@ -1,0 +1,98 @@
+"""decode: only what is asked, any image mode to RGB, EXIF orientation, draft JPEG decoding, clear errors."""
+
+import io
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+import vlmstream as vs
+from vlmstream.decode import open_image
+
+
+def jpeg(arr, **kw):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return skdata.astronaut()  # 512x512 RGB
+
+
+def test_only_what_is_asked_is_decoded(photo):
+    s = {"__key__": "k", "0.jpg": jpeg(photo), "json": b'{"a": 1}', "txt": b"hi", "cls": b"3"}
+    out = vs.decode(image=None, json=True, txt=False).decode_sample(s)
+    assert out["0.jpg"] == s["0.jpg"] and out["json"] == {"a": 1} and out["txt"] == b"hi" and out["cls"] == b"3"
+    out = vs.decode("uint8").decode_sample(s)
+    assert out["0.jpg"].dtype == torch.uint8 and out["0.jpg"].shape == (3, 512, 512) and out["txt"] == "hi"
+    f = vs.decode("float").decode_sample(s)["0.jpg"]
+    assert f.dtype == torch.float32 and 0 <= f.min() and f.max() <= 1
+    assert isinstance(vs.decode("pil").decode_sample(s)["0.jpg"], Image.Image)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA"])
+def test_any_mode_becomes_rgb(photo, mode):
+    im = Image.fromarray(photo)
+    if mode == "I;16":
+        im = Image.fromarray((np.asarray(im.convert("L"), dtype=np.uint16) * 257))
+    else:
+        im = im.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, "TIFF" if mode in ("CMYK", "I;16") else "PNG")
+    out = open_image(buf.getvalue())
+    assert out.mode == "RGB" and out.size == (512, 512)
+    if mode == "I;16":  # 16-bit scaled down, not clipped
+        assert abs(np.asarray(out).mean() - np.asarray(Image.fromarray(photo).convert("L")).mean()) < 2
+
+
+def test_exif_orientation_is_applied():
+    arr = np.zeros((40, 80, 3), np.uint8)
+    arr[:, :40] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    im = open_image(jpeg(arr, exif=exif.tobytes()))
+    assert im.size == (40, 80)
+    top = np.asarray(im)[:40].mean()
+    assert top > 200  # the white left half is now on top
+
+
+def test_draft_decoding_matches_full_decoding_up_to_resampling_noise(photo):
+    big = np.asarray(Image.fromarray(photo).resize((640, 480)))
+    data = jpeg(big)
+    fast = vs.Resize(224)(open_image(data, draft=(224, 224))).float()
+    full = vs.Resize(224, draft=False)(open_image(data)).float()
+    assert fast.shape == full.shape == (3, 224, 224)
+    assert (fast - full).abs().mean() < 4  # out of 255
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", (224, 224))
+    assert im.size == (320, 240)  # libjpeg scaled by 1/2 while decoding
+
+
+def test_errors_name_shard_key_and_member(photo):
+    s = {"__key__": "000042", "__url__": "http://h/s-000003.tar", "0.jpg": jpeg(photo)[:500], "json": b"{"}
+    with pytest.raises(vs.DecodeError, match=r"s-000003.tar: sample '000042' member '0.jpg'"):
+        vs.decode().decode_sample(s)
+    with pytest.raises(vs.DecodeError, match=r"member 'json': JSONDecodeError"):
+        vs.decode(image=None).decode_sample(s)
+
+
+def png_claiming(width, height):
+    """A tiny PNG whose header claims another size (IHDR patched, CRC fixed)."""
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, "PNG")
+    b = bytearray(buf.getvalue())
+    b[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    b[29:33] = zlib.crc32(bytes(b[12:29])).to_bytes(4, "big")
+    return bytes(b)
+
+
+@pytest.mark.parametrize("side,limit", [(100_000, None), (100_000, 10**12), (5000, 10**6)])
+def test_decompression_bomb_is_refused_before_decoding(side, limit):
+    kw = {} if limit is None else {"max_pixels": limit}
+    with pytest.raises(vs.DecodeError, match="exceeds the limit"):
+        vs.decode(**kw).decode_sample({"__key__": "b", "png": png_claiming(side, side)})
