@@ -365,3 +365,18 @@ def test_bad_arguments_exit_with_usage(tmp_path, capsys):
     assert e.value.code == 2 and "--seed" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_pack(["x.json"], str(tmp_path), "--job-index", "3", "--num-jobs", "3")
+
+
+def test_buckets_give_back_every_sample_in_position_order(tmp_path, monkeypatch):
+    import random
+
+    import pack_shards
+
+    monkeypatch.setattr(pack_shards, "BUCKET_FLUSH_BYTES", 50)  # spill often: several appends per bucket
+    positions = list(range(100, 300))
+    random.Random(0).shuffle(positions)
+    buckets = pack_shards.Buckets(str(tmp_path), start=100, span=16)
+    for p in positions:
+        buckets.add(p, f"sample {p}".encode() * (p % 5))
+    assert list(buckets.sorted_samples(200)) == [f"sample {p}".encode() * (p % 5) for p in range(100, 300)]
+    assert os.listdir(tmp_path) == []

@@ -17,8 +17,8 @@ import argparse
 import json
 import multiprocessing
 import os
-import pickle
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -41,7 +41,6 @@ from vlmstream.format import (
     job_manifest_name,
     merge_manifests,
     rejects_name,
-    sample_key,
     write_manifest,
 )
 from vlmstream.records import FORMATS, Input, Record, convert_batch, open_input, read_records
@@ -138,41 +137,56 @@ class Positions:
 # ------------------------------------------------------------------------------------- processing
 
 
-def ordered_map(fn: Callable[[list], list], items: Iterable[Any], workers: int) -> Iterator[Any]:
+def worker_pool(workers: int):
+    """A process pool, or None for one worker (everything then runs in this process).
+
+    Made before any thread exists (tqdm's monitor, pyarrow's pools), so that forking is safe: fork starts
+    workers at once, with the modules already imported. Elsewhere than Linux, spawn as the platform wants.
+    """
+    if workers <= 1:
+        return None
+    return multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
+
+
+def ordered_map(fn: Callable[[list], list], items: Iterable[Any], pool, workers: int) -> Iterator[Any]:
     """``fn`` over batches of ``items``, results flattened in input order.
 
     At most ``2 * workers`` batches are in flight (``Pool.imap`` would read the whole input ahead), and
     the order of results never depends on which worker finishes first: the output is the same for any N.
     """
     batches = iter(lambda it=iter(items): list(islice(it, BATCH)), [])
-    if workers <= 1:
+    if pool is None:
         for batch in batches:
             yield from fn(batch)
         return
-    # spawn: the parent may hold threads (pyarrow, tqdm) that fork would copy in an undefined state
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(fn, (batch,)))
-            if len(pending) >= 2 * workers:
-                yield from pending.popleft().get()
-        while pending:
+    pending: deque = deque()
+    for batch in batches:
+        pending.append(pool.apply_async(fn, (batch,)))
+        if len(pending) >= 2 * workers:
             yield from pending.popleft().get()
+    while pending:
+        yield from pending.popleft().get()
 
 
 class Buckets:
-    """Shuffle with bounded memory: spill converted samples to temporary files by output position, then read
-    back one bucket (``span`` consecutive positions) at a time, sorted by position."""
+    """Shuffle with bounded memory: spill encoded samples to temporary files by output position, then read
+    back one bucket (``span`` consecutive positions) at a time, sorted by position.
+
+    A bucket file is a run of (position, length) little-endian uint64 pairs, each followed by its bytes.
+    """
+
+    _HEAD = struct.Struct("<QQ")
 
     def __init__(self, folder: str, start: int, span: int) -> None:
         self.folder, self.start, self.span = folder, start, span
         self._buffers: dict[int, list[bytes]] = {}
         self._buffered = 0
 
-    def add(self, position: int, key: str, members: list[tuple[str, bytes]]) -> None:
-        blob = pickle.dumps((position, key, members), protocol=pickle.HIGHEST_PROTOCOL)
-        self._buffers.setdefault((position - self.start) // self.span, []).append(blob)
-        self._buffered += len(blob)
+    def add(self, position: int, data: bytes) -> None:
+        self._buffers.setdefault((position - self.start) // self.span, []).append(
+            self._HEAD.pack(position, len(data)) + data
+        )
+        self._buffered += len(data)
         if self._buffered > BUCKET_FLUSH_BYTES:
             self.flush()
 
@@ -182,25 +196,25 @@ class Buckets:
                 f.writelines(blobs)
         self._buffers, self._buffered = {}, 0
 
-    def sorted_samples(self, num_positions: int) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    def sorted_samples(self, num_positions: int) -> Iterator[bytes]:
+        """Every sample added, in position order; each bucket file is removed once read."""
         self.flush()
         for bucket in range(-(-num_positions // self.span)):
-            if not os.path.exists(self._path(bucket)):
+            path = self._path(bucket)
+            if not os.path.exists(path):
                 continue
             items = []
-            with open(self._path(bucket), "rb") as f:
-                while True:
-                    try:
-                        items.append(pickle.load(f))
-                    except EOFError:
-                        break
-            os.remove(self._path(bucket))
+            with open(path, "rb") as f:
+                while head := f.read(self._HEAD.size):
+                    position, size = self._HEAD.unpack(head)
+                    items.append((position, f.read(size)))
+            os.remove(path)
             items.sort(key=lambda item: item[0])
-            for _, key, members in items:
-                yield key, members
+            for _, data in items:
+                yield data
 
     def _path(self, bucket: int) -> str:
-        return os.path.join(self.folder, f"bucket-{bucket:08d}.pkl")
+        return os.path.join(self.folder, f"bucket-{bucket:08d}.bin")
 
 
 def progress(total: int, desc: str):
@@ -211,6 +225,16 @@ def progress(total: int, desc: str):
 
 
 def pack(args: argparse.Namespace) -> dict[str, Any]:
+    pool = worker_pool(args.workers)
+    try:
+        return _pack(args, pool)
+    finally:
+        if pool is not None:
+            pool.terminate()  # the results are all in (or no longer wanted): stop at once
+            pool.join()
+
+
+def _pack(args: argparse.Namespace, pool) -> dict[str, Any]:
     t0 = time.monotonic()
     jobbed = args.num_jobs is not None
     job, num_jobs = (args.job_index, args.num_jobs) if jobbed else (0, 1)
@@ -237,10 +261,10 @@ def pack(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with open(os.path.join(args.output, rejects_name(job if jobbed else None)), "w") as rej, \
                 ShardWriter(args.output, args.prefix, args.maxcount, args.maxsize, job if jobbed else None) as w, \
-                closing(ordered_map(convert, records(), args.workers)) as results, \
+                closing(ordered_map(convert, records(), pool, args.workers)) as results, \
                 progress(len(share), "pack") as bar:
             buckets = Buckets(tmp, share.start, args.bucket_size) if tmp else None
-            for index, members, reject in results:
+            for index, data, reject in results:
                 bar.update(1)
                 if reject is not None:
                     rejects += 1
@@ -253,12 +277,12 @@ def pack(args: argparse.Namespace) -> dict[str, Any]:
                             f"{reject['reason']}"
                         )
                 elif buckets is not None:
-                    buckets.add(pos(index), sample_key(index), members)
+                    buckets.add(pos(index), data)
                 else:
-                    w.write(sample_key(index), members)
+                    w.write_encoded(data)
             if buckets is not None:
-                for key, members in buckets.sorted_samples(len(share)):
-                    w.write(key, members)
+                for data in buckets.sorted_samples(len(share)):
+                    w.write_encoded(data)
         shards = w.shards
     finally:
         if tmp:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 FORMAT_NAME = "vlmstream-shards"
 FORMAT_VERSION = 1

@@ -27,9 +27,11 @@ from .format import (
     Conversation,
     FormatError,
     image_member,
+    sample_key,
     sample_members,
     validate_conversation,
 )
+from .writer import sample_bytes
 
 SCHEMAS = ("llava", "sharegpt", "finevision", "caption")  # record schemas of JSON / JSONL inputs
 FORMATS = (*SCHEMAS, "folder", "parquet")  # what --format can name
@@ -100,7 +102,7 @@ def parse_record(rec: Any, schema: str) -> tuple[list[dict[str, str]], list[Any]
     """Turns, image references (paths as written) and the fields used, of one record in ``schema``."""
     if schema not in SCHEMAS:
         raise ValueError(f"unknown schema {schema!r}, expected one of {SCHEMAS}")
-    if not isinstance(rec, Mapping):
+    if not isinstance(rec, dict):
         raise FormatError(f"record is a JSON {type(rec).__name__}, not an object")
     if not any(k in rec for k in REQUIRED_FIELDS[schema]):
         need = " or ".join(map(repr, REQUIRED_FIELDS[schema]))
@@ -130,7 +132,7 @@ def _chat_turns(turns: Any) -> list[dict[str, str]]:
         raise FormatError(f"turns must be a list, got {type(turns).__name__}")
     out = []
     for i, t in enumerate(turns):
-        if not isinstance(t, Mapping):
+        if not isinstance(t, dict):
             raise FormatError(f"turn {i} is not an object")
         role, content = t.get("role", t.get("from")), t.get("content", t.get("value"))
         if role not in ROLE_NAMES:
@@ -148,7 +150,7 @@ def _finevision_turns(rec: Mapping[str, Any]) -> list[dict[str, str]]:
         raise FormatError("texts must be a list of {user, assistant}")
     messages = []
     for i, t in enumerate(texts):
-        if not isinstance(t, Mapping) or not isinstance(t.get("user"), str) or not isinstance(t.get("assistant"), str):
+        if not isinstance(t, dict) or not isinstance(t.get("user"), str) or not isinstance(t.get("assistant"), str):
             raise FormatError(f"texts[{i}]: expected string user and assistant")
         messages += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["assistant"]}]
     images = rec.get("images") or []
@@ -164,14 +166,14 @@ def _image_list(value: Any) -> list[Any]:
     refs = value if isinstance(value, list) else [value]
     for i, ref in enumerate(refs):
         ok = (isinstance(ref, str) and ref) or isinstance(ref, bytes)
-        ok = ok or (isinstance(ref, Mapping) and (isinstance(ref.get("bytes"), bytes) or isinstance(ref.get("path"), str)))
+        ok = ok or (isinstance(ref, dict) and (isinstance(ref.get("bytes"), bytes) or isinstance(ref.get("path"), str)))
         if not ok:
             raise FormatError(f"image {i}: expected a path, got {ref!r:.60}")
     return refs
 
 
 def _resolve(ref: Any, root: str) -> str | bytes:
-    if isinstance(ref, Mapping):
+    if isinstance(ref, dict):
         ref = ref["bytes"] if isinstance(ref.get("bytes"), bytes) else ref["path"]
     return ref if isinstance(ref, bytes) else os.path.join(root, ref)
 
@@ -202,7 +204,7 @@ def plain_json(v: Any) -> Any:
         return v
     if isinstance(v, float):
         return v if math.isfinite(v) else None
-    if isinstance(v, Mapping):
+    if isinstance(v, dict):
         return {str(k): plain_json(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [plain_json(x) for x in v]
@@ -231,7 +233,7 @@ def open_input(path: str, fmt: str | None = None, image_root: str | None = None)
     count, schema, first_keys = 0, fmt, None
     for _, _, raw in _json_items(path):
         count += 1
-        if schema is None and isinstance(raw, Mapping):
+        if schema is None and isinstance(raw, dict):
             schema = schema_of(raw)  # the first record of a known schema decides; others before it are rejects
             first_keys = first_keys or sorted(raw)
     if schema is None and count:
@@ -477,6 +479,10 @@ def convert(
 
 def convert_batch(
     recs: list[Record], max_side: int | None = None, jpeg_quality: int = 90
-) -> list[tuple[int, list[tuple[str, bytes]] | None, dict[str, Any] | None]]:
-    """``convert`` over a list: one inter-process round trip per batch rather than per record."""
-    return [convert(r, max_side, jpeg_quality) for r in recs]
+) -> list[tuple[int, bytes | None, dict[str, Any] | None]]:
+    """``convert`` over a list, each sample encoded as tar bytes (``writer.sample_bytes``): the work a worker
+    process does, one round trip per batch, leaving the main process only to write bytes in order."""
+    out = []
+    for index, members, reject in (convert(r, max_side, jpeg_quality) for r in recs):
+        out.append((index, None if members is None else sample_bytes(sample_key(index), members), reject))
+    return out

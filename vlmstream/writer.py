@@ -70,7 +70,10 @@ class ShardWriter:
 
     def write(self, key: str, members: Sequence[tuple[str, bytes]]) -> None:
         """Append one sample; its members are written as ``KEY.EXT`` in the order given."""
-        data = sample_bytes(key, members)
+        self.write_encoded(sample_bytes(key, members))
+
+    def write_encoded(self, data: bytes) -> None:
+        """Append one sample already encoded by ``sample_bytes`` (in a worker process, say)."""
         if self._file is not None and (
             self._count >= self.maxcount or closed_size(self._size + len(data)) > self.maxsize
         ):
