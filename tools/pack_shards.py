@@ -73,7 +73,8 @@ def shuffled_positions(indices: Sequence[int] | np.ndarray, total: int, seed: in
 
     A Feistel network over the smallest power of 4 covering ``total``, with cycle walking back into range:
     a bijection computed one index at a time (no table of ``total`` entries), from integer arithmetic only,
-    so every machine of a multi-job pack agrees on it whatever its numpy or Python version.
+    so every machine of a multi-job pack agrees on it whatever its numpy or Python version. Seeds are taken
+    modulo 2**64.
     """
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size and (idx.min() < 0 or idx.max() >= total):
@@ -224,66 +225,61 @@ def progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="samples", disable=not sys.stderr.isatty(), smoothing=0.1)
 
 
+def job_records(inputs: list[Input], share: range, seed: int | None) -> Iterator[Record]:
+    """The records whose output position lies in ``share``, in input order, each with its global index."""
+    total = sum(inp.count for inp in inputs)
+    pos = Positions(total, seed)
+    offset = 0
+    for inp in inputs:
+        if seed is not None or (offset < share.stop and offset + inp.count > share.start):  # else: none of ours
+            for rec in read_records(inp, want=lambda p, offset=offset: pos(offset + p) in share):
+                rec.index = offset + rec.position
+                yield rec
+        offset += inp.count
+
+
 def pack(args: argparse.Namespace) -> dict[str, Any]:
+    """Pack ``args.inputs`` (parsed by ``parse_args``); returns the manifest written."""
+    t0 = time.monotonic()
     pool = worker_pool(args.workers)
     try:
-        return _pack(args, pool)
+        return _pack(args, pool, t0)
     finally:
         if pool is not None:
             pool.terminate()  # the results are all in (or no longer wanted): stop at once
             pool.join()
 
 
-def _pack(args: argparse.Namespace, pool) -> dict[str, Any]:
-    t0 = time.monotonic()
-    jobbed = args.num_jobs is not None
-    job, num_jobs = (args.job_index, args.num_jobs) if jobbed else (0, 1)
-    inputs: list[Input] = [open_input(p, args.format, args.image_root) for p in args.inputs]
-    offsets = np.cumsum([0] + [inp.count for inp in inputs]).tolist()
-    total = offsets[-1]
-    share = job_positions(job, num_jobs, total)
+def _pack(args: argparse.Namespace, pool, t0: float) -> dict[str, Any]:
+    job = args.job_index  # None: a single-job pack, named without a job part
+    inputs = [open_input(p, args.format, args.image_root) for p in args.inputs]
+    total = sum(inp.count for inp in inputs)
+    share = job_positions(job or 0, args.num_jobs or 1, total)
     seed = args.seed if args.shuffle else None
-    pos = Positions(total, seed)  # two: the reader runs ahead of the results, each walks its own blocks
-
-    def records() -> Iterator[Record]:
-        read_pos = Positions(total, seed)
-        for inp, offset in zip(inputs, offsets):
-            if not args.shuffle and (offset >= share.stop or offset + inp.count <= share.start):
-                continue  # without shuffle a job's share is a contiguous range of records
-            for rec in read_records(inp, want=lambda p, offset=offset: read_pos(offset + p) in share):
-                rec.index = offset + rec.position
-                yield rec
-
-    os.makedirs(args.output, exist_ok=True)
+    pos = Positions(total, seed)
     convert = partial(convert_batch, max_side=args.max_side, jpeg_quality=args.jpeg_quality)
-    rejects = 0
+    os.makedirs(args.output, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".pack-tmp-", dir=args.output) if args.shuffle else None
+    rejects = 0
     try:
-        with open(os.path.join(args.output, rejects_name(job if jobbed else None)), "w") as rej, \
-                ShardWriter(args.output, args.prefix, args.maxcount, args.maxsize, job if jobbed else None) as w, \
-                closing(ordered_map(convert, records(), pool, args.workers)) as results, \
+        with open(os.path.join(args.output, rejects_name(job)), "w", encoding="utf-8") as rej, \
+                ShardWriter(args.output, args.prefix, args.maxcount, args.maxsize, job) as writer, \
+                closing(ordered_map(convert, job_records(inputs, share, seed), pool, args.workers)) as results, \
                 progress(len(share), "pack") as bar:
             buckets = Buckets(tmp, share.start, args.bucket_size) if tmp else None
             for index, data, reject in results:
                 bar.update(1)
                 if reject is not None:
                     rejects += 1
-                    rej.write(json.dumps(reject, ensure_ascii=False) + "\n")
+                    rej.write(json.dumps(reject) + "\n")
                     if args.strict:
-                        rej.flush()
-                        line = f" (line {reject['line']})" if "line" in reject else ""
-                        raise PackError(
-                            f"--strict: bad record in {reject['source']} at position {reject['position']}{line}: "
-                            f"{reject['reason']}"
-                        )
+                        raise PackError(f"--strict: bad record in {_where(reject)}: {reject['reason']}")
                 elif buckets is not None:
                     buckets.add(pos(index), data)
                 else:
-                    w.write_encoded(data)
-            if buckets is not None:
-                for data in buckets.sorted_samples(len(share)):
-                    w.write_encoded(data)
-        shards = w.shards
+                    writer.write_encoded(data)
+            for data in buckets.sorted_samples(len(share)) if buckets else ():
+                writer.write_encoded(data)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -291,19 +287,24 @@ def _pack(args: argparse.Namespace, pool) -> dict[str, Any]:
         "inputs": [{"path": i.path, "format": i.format, "records": i.count} for i in inputs],
         "records": total,
         "rejects": rejects,
-        "shuffle_seed": args.seed if args.shuffle else None,
+        "shuffle_seed": seed,
         "max_side": args.max_side,
     }
-    if jobbed:
-        packing.update(job=job, num_jobs=num_jobs, positions=[share.start, share.stop])
-    manifest = os.path.join(args.output, job_manifest_name(job) if jobbed else MANIFEST_NAME)
-    doc = write_manifest(manifest, shards, packing=packing)
+    if job is not None:
+        packing.update(job=job, num_jobs=args.num_jobs, positions=[share.start, share.stop])
+    manifest = os.path.join(args.output, MANIFEST_NAME if job is None else job_manifest_name(job))
+    doc = write_manifest(manifest, writer.shards, packing=packing)
     seconds = time.monotonic() - t0
     print(
         f"pack_shards: {doc['samples']} samples, {doc['num_shards']} shards, {doc['bytes']} bytes, "
         f"{rejects} rejects, {seconds:.1f} s ({doc['samples'] / max(seconds, 1e-9):.0f} samples/s) -> {manifest}"
     )
     return doc
+
+
+def _where(reject: dict[str, Any]) -> str:
+    line = f" (line {reject['line']})" if "line" in reject else ""
+    return f"{reject['source']} at position {reject['position']}{line}"
 
 
 # ------------------------------------------------------------------------------------- command line
