@@ -84,7 +84,8 @@ def data_dir(vqa: Vqa, tmp_path_factory) -> str:
 def _qa_turns(qas: list[tuple[str, str]], first_prefix: str) -> list[dict[str, str]]:
     turns = []
     for t, (q, a) in enumerate(qas):
-        turns += [{"role": "user", "content": (first_prefix if t == 0 else "") + q}, {"role": "assistant", "content": a}]
+        user = (first_prefix if t == 0 else "") + q
+        turns += [{"role": "user", "content": user}, {"role": "assistant", "content": a}]
     return turns
 
 
@@ -109,8 +110,10 @@ def _llava(vqa: Vqa, data_dir: str, name: str, jsonl: bool) -> Case:
             messages.insert(0, {"role": "system", "content": "Answer in one word."})
         records.append({"id": f"easyvqa-{i}", "image": f"images/{i}.png", "conversations": conv})
         expected.append(Expected(messages, [vqa.png[i]], {"id": f"easyvqa-{i}"}))
-    records.append({"id": "text-only", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]})
-    expected.append(Expected([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], [], {"id": "text-only"}))
+    text_only = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    conv = [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]
+    records.append({"id": "text-only", "conversations": conv})
+    expected.append(Expected(text_only, [], {"id": "text-only"}))
     return Case([_write_json(os.path.join(data_dir, name), records, jsonl)], expected, jsonl=jsonl)
 
 

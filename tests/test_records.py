@@ -298,7 +298,8 @@ def test_convert_names_images_by_format_and_orders_members(tmp_path):
 
 
 @pytest.mark.parametrize("messages, images, reason", [
-    ([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "x"}], [], "1 <image> placeholders but 0 images"),
+    ([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "x"}], [],
+     "1 <image> placeholders but 0 images"),
     ([], [], "empty conversation"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], [], "no assistant answer"),
     ([{"role": "user", "content": "\ud800"}, {"role": "assistant", "content": "x"}], [], "not valid Unicode"),

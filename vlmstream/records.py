@@ -44,9 +44,13 @@ CHAT_FIELDS = {
 }
 # schema -> the fields of which a record needs at least one; a record with none is of an unknown schema
 REQUIRED_FIELDS = {
-    "llava": ("conversations",), "sharegpt": ("messages", "conversations"), "finevision": ("texts",), "caption": ("caption",),
+    "llava": ("conversations",),
+    "sharegpt": ("messages", "conversations"),
+    "finevision": ("texts",),
+    "caption": ("caption",),
 }
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
 
 @dataclass
 class Record:
@@ -67,9 +71,6 @@ class Record:
             out["line"] = self.line
         out.update(index=self.index, reason=reason)
         return out
-
-    def where(self) -> str:
-        return f"{self.source} position {self.position}" + ("" if self.line is None else f" (line {self.line})")
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def open_input(path: str, fmt: str | None = None, image_root: str | None = None)
     if os.path.isdir(path):
         if fmt not in (None, "folder"):
             raise FormatError(f"{path}: a folder, but --format {fmt} names a file format")
-        return Input(path, "folder", image_root or path, len(_folder_images(path)))
+        return Input(path, "folder", path, len(_folder_images(path)))  # captions' images are beside them
     if not os.path.isfile(path):
         raise FormatError(f"{path}: no such file or folder")
     root = image_root if image_root is not None else os.path.dirname(path)
@@ -372,7 +373,8 @@ def _read_folder(inp: Input, want: Callable[[int], bool]) -> Iterator[Record]:
         except (OSError, UnicodeDecodeError) as e:
             yield Record(inp.path, position, error=f"{rel}: unreadable caption: {e}")
             continue
-        yield make_record({"image": rel, "caption": caption, "file": rel}, "caption", inp.path, position, inp.image_root)
+        raw = {"image": rel, "caption": caption, "file": rel}
+        yield make_record(raw, "caption", inp.path, position, inp.image_root)
 
 
 # ------------------------------------------------------------------------------------------------ parquet
