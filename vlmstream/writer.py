@@ -3,6 +3,11 @@
 Tar headers are built from fixed fields (see ``format``'s docstring), so equal samples in equal order give
 equal shards whatever the machine, clock or user. Bytes and sha256 are counted while writing, so closing a
 shard costs no second read, and a shard becomes visible under its name only once it is complete.
+
+    with ShardWriter("out", maxcount=1000) as w:
+        for i, (conv, images) in enumerate(conversations):
+            w.write(sample_key(i), sample_members(conv, images))
+    write_manifest("out/index.json", w.shards)
 """
 
 from __future__ import annotations
