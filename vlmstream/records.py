@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
@@ -231,12 +232,14 @@ def open_input(path: str, fmt: str | None = None, image_root: str | None = None)
         return Input(path, "parquet", root, _parquet_file(path).metadata.num_rows)
     if fmt == "folder":
         raise FormatError(f"{path}: --format folder needs a folder")
-    count, schema, first_keys = 0, fmt, None
-    for _, _, raw in _json_items(path):
-        count += 1
-        if schema is None and isinstance(raw, dict):
-            schema = schema_of(raw)  # the first record of a known schema decides; others before it are rejects
-            first_keys = first_keys or sorted(raw)
+    count, schema, first_keys = _count_json(path), fmt, None
+    if schema is None:
+        with closing(_json_items(path)) as items:
+            for _, _, raw in items:  # the first record of a known schema decides; others before it are rejects
+                if isinstance(raw, dict):
+                    schema, first_keys = schema_of(raw), first_keys or sorted(raw)
+                    if schema is not None:
+                        break
     if schema is None and count:
         raise FormatError(
             f"{path}: no record in a known schema (first record's keys: {first_keys}); name it with --format"
@@ -264,12 +267,24 @@ class _Bad:
     reason: str
 
 
-def _json_items(path: str, want: Callable[[int], bool] | None = None) -> Iterator[tuple[int, int | None, Any]]:
-    """(position, line or None, parsed record or _Bad) of a JSON array or JSONL file, told apart by the first
-    character; unwanted positions yield None without parsing."""
+def _is_json_array(path: str) -> bool:
+    """A JSON array or JSONL? Told by the first character, whatever the file's extension."""
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if head.startswith(b"["):
+        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
+def _count_json(path: str) -> int:
+    """Records in a JSON array (parsed) or JSONL file (non-blank lines, not parsed)."""
+    if _is_json_array(path):
+        return sum(1 for _ in _json_array(path))
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _json_items(path: str, want: Callable[[int], bool] | None = None) -> Iterator[tuple[int, int | None, Any]]:
+    """(position, line or None, parsed record or _Bad) of a JSON array or JSONL file; positions ``want``
+    rejects are not yielded (nor parsed, in JSONL)."""
+    if _is_json_array(path):
         yield from ((i, None, raw) for i, raw in enumerate(_json_array(path)) if want is None or want(i))
         return
     position = 0
