@@ -15,16 +15,27 @@ What the packer (``tools/pack_shards.py``) writes, exactly:
   input), ``line`` (1-based line number, JSONL inputs only), then the record's own fields that are not part
   of the conversation (``id``, dataset ``source``, ...). A record field whose name collides with one of
   ``META_PROVENANCE`` is stored as ``record_<name>``.
+  An image folder's samples carry ``file``, the image's path relative to the folder.
+- images: the input bytes unchanged, unless ``--max-side N`` and the long side exceeds N: then the image is
+  turned by its EXIF orientation, downscaled to a long side of N and re-encoded, as PNG (RGBA) if it has
+  alpha, else as JPEG (L or RGB, ``--jpeg-quality``).
+- order: samples follow their output position, the global index itself or, with ``--shuffle --seed S``, its
+  seeded permutation; each shard holds consecutive positions.
 - tar headers: ustar (pax only where a name needs it), mtime 0, uid/gid 0, empty uname/gname, mode 0o644;
   the archive ends with two zero blocks, padded to a multiple of 10240 bytes like tarfile and GNU tar.
+- ``rejects.jsonl`` (``rejects_name``): one JSON object per record not packed, in input order:
+  ``{"source", "position", "line" (JSONL only), "index", "reason"}``.
+- the manifest's informative ``packing`` key: ``inputs`` (``path``, detected ``format``, ``records``),
+  ``records`` (all inputs), ``rejects``, ``shuffle_seed``, ``max_side``; a job's manifest adds ``job``,
+  ``num_jobs`` and ``positions`` (the ``[start, stop)`` of output positions it packed).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT_NAME = "vlmstream-shards"
