@@ -264,9 +264,10 @@ def test_maxsize_closes_shards_before_they_grow_past_it(llava_jsonl, tmp_path):
 
 def test_a_sample_larger_than_maxsize_gets_a_shard_of_its_own(llava_jsonl, tmp_path):
     out = str(tmp_path / "out")
-    assert run_pack(llava_jsonl.inputs, out, "--maxsize", "1000") == 0
+    assert run_pack(llava_jsonl.inputs, out, "--maxsize", "1000", "--prefix", "tiny") == 0
     doc = check_manifest(out)
     assert [s["samples"] for s in doc["shards"]] == [1] * 61
+    assert [s["url"] for s in doc["shards"]] == [f"tiny-{n:06d}.tar" for n in range(61)]
 
 
 def test_max_side_reencodes_larger_images_only(vqa, data_dir, tmp_path):
