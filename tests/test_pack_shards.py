@@ -381,3 +381,16 @@ def test_buckets_give_back_every_sample_in_position_order(tmp_path, monkeypatch)
         buckets.add(p, f"sample {p}".encode() * (p % 5))
     assert list(buckets.sorted_samples(200)) == [f"sample {p}".encode() * (p % 5) for p in range(100, 300)]
     assert os.listdir(tmp_path) == []
+
+
+def _die(records, **options):
+    os._exit(1)  # as the kernel's OOM killer would end a worker
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the patched worker reaches forked workers only")
+def test_a_dead_worker_is_an_error_not_a_hang(llava_json, tmp_path, monkeypatch, capsys):
+    import pack_shards
+
+    monkeypatch.setattr(pack_shards, "convert_batch", _die)
+    assert run_pack(llava_json.inputs, str(tmp_path / "out"), "--workers", "2") == 1
+    assert "worker process died" in capsys.readouterr().err

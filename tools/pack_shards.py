@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from functools import partial
 from itertools import islice
@@ -138,18 +140,24 @@ class Positions:
 # ------------------------------------------------------------------------------------- processing
 
 
-def worker_pool(workers: int):
+def worker_pool(workers: int) -> ProcessPoolExecutor | None:
     """A process pool, or None for one worker (everything then runs in this process).
 
-    Made before any thread exists (tqdm's monitor, pyarrow's pools), so that forking is safe: fork starts
-    workers at once, with the modules already imported. Elsewhere than Linux, spawn as the platform wants.
+    A worker that dies (out of memory, say) breaks the pool with an error instead of hanging it. The workers
+    start here, before any thread exists (pyarrow's, tqdm's), so that forking is safe: fork starts them at
+    once with the modules already imported. Elsewhere than Linux, spawn as the platform wants.
     """
     if workers <= 1:
         return None
-    return multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context)
+    pool.submit(int).result()  # the pool forks all its workers on its first task
+    return pool
 
 
-def ordered_map(fn: Callable[[list], list], items: Iterable[Any], pool, workers: int) -> Iterator[Any]:
+def ordered_map(
+    fn: Callable[[list], list], items: Iterable[Any], pool: ProcessPoolExecutor | None, workers: int
+) -> Iterator[Any]:
     """``fn`` over batches of ``items``, results flattened in input order.
 
     At most ``2 * workers`` batches are in flight (``Pool.imap`` would read the whole input ahead), and
@@ -162,11 +170,11 @@ def ordered_map(fn: Callable[[list], list], items: Iterable[Any], pool, workers:
         return
     pending: deque = deque()
     for batch in batches:
-        pending.append(pool.apply_async(fn, (batch,)))
+        pending.append(pool.submit(fn, batch))
         if len(pending) >= 2 * workers:
-            yield from pending.popleft().get()
+            yield from pending.popleft().result()
     while pending:
-        yield from pending.popleft().get()
+        yield from pending.popleft().result()
 
 
 class Buckets:
@@ -246,11 +254,10 @@ def pack(args: argparse.Namespace) -> dict[str, Any]:
         return _pack(args, pool, t0)
     finally:
         if pool is not None:
-            pool.terminate()  # the results are all in (or no longer wanted): stop at once
-            pool.join()
+            pool.shutdown(cancel_futures=True)  # after an error, what is queued is no longer wanted
 
 
-def _pack(args: argparse.Namespace, pool, t0: float) -> dict[str, Any]:
+def _pack(args: argparse.Namespace, pool: ProcessPoolExecutor | None, t0: float) -> dict[str, Any]:
     job = args.job_index  # None: a single-job pack, named without a job part
     inputs = [open_input(p, args.format, args.image_root) for p in args.inputs]
     total = sum(inp.count for inp in inputs)
@@ -372,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
             pack(parse_args(argv))
     except (PackError, FormatError, OSError) as e:
         print(f"pack_shards: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenProcessPool:
+        print("pack_shards: error: a worker process died (out of memory?); try fewer --workers", file=sys.stderr)
         return 1
     return 0
 
