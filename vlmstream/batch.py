@@ -7,6 +7,39 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 
+def vlm_collate(samples: Sequence[dict[str, Any]], padding: str = "left", pad_to: int | None = None) -> dict[str, Any]:
+    """The batch contract of a nanoVLM-style loop: input_ids, attention_mask, labels [B, L] int64, padded
+    (left by default, as nanoVLM; or right) to the longest row or `pad_to`; images as list[B] of list of
+    [n_tiles, 3, H, W]; position_ids / sequence_id too when the samples were packed."""
+    if padding not in ("left", "right"):
+        raise ValueError(f"padding must be left or right, not {padding!r}")
+    lengths = [len(s["input_ids"]) for s in samples]
+    width = pad_to or max(lengths)
+    if max(lengths) > width:
+        raise ValueError(f"a row of {max(lengths)} tokens does not fit pad_to={width}")
+    b = len(samples)
+    out = {
+        "input_ids": torch.full((b, width), samples[0]["__pad_id__"], dtype=torch.long),
+        "attention_mask": torch.zeros((b, width), dtype=torch.long),
+        "labels": torch.full((b, width), -100, dtype=torch.long),
+    }
+    packed = "position_ids" in samples[0]
+    if packed:
+        out["position_ids"] = torch.zeros((b, width), dtype=torch.long)
+        out["sequence_id"] = torch.full((b, width), -1, dtype=torch.long)
+    for i, (s, n) in enumerate(zip(samples, lengths)):
+        cols = slice(width - n, width) if padding == "left" else slice(0, n)
+        out["input_ids"][i, cols] = s["input_ids"]
+        out["attention_mask"][i, cols] = 1
+        out["labels"][i, cols] = s["labels"]
+        if packed:
+            out["position_ids"][i, cols] = s["position_ids"]
+            out["sequence_id"][i, cols] = s["sequence_id"]
+    out["images"] = [list(s["images"]) for s in samples]
+    out["__key__"] = [s["__key__"] for s in samples]
+    return out
+
+
 def default_collate(samples: Sequence[Any]) -> Any:
     """Stack tensors of equal shape and numbers; keep anything else as a list (per key for dicts)."""
     first = samples[0]
@@ -22,13 +55,24 @@ def default_collate(samples: Sequence[Any]) -> Any:
 
 
 class batch:
-    """The stage. ``partial=False`` drops a last, smaller batch (counted in ``dropped``)."""
+    """The stage. Tokenized samples (with ``input_ids``) become the VLM batch contract (`vlm_collate`, with
+    ``padding`` and ``pad_to``); anything else goes through `default_collate` or your ``collate``.
+    ``partial=False`` drops a last, smaller batch (counted in ``dropped``)."""
 
-    def __init__(self, n: int, collate: Callable[[Sequence[Any]], Any] | None = None, partial: bool = True):
+    def __init__(self, n: int, collate: Callable[[Sequence[Any]], Any] | None = None, partial: bool = True, *,
+                 padding: str = "left", pad_to: int | None = None):
         if n < 1:
             raise ValueError(f"batch size must be >= 1, not {n}")
-        self.n, self.collate, self.partial = n, collate or default_collate, partial
+        self.n, self.user_collate, self.partial = n, collate, partial
+        self.padding, self.pad_to = padding, pad_to
         self.dropped = 0
+
+    def collate(self, samples: Sequence[Any]) -> Any:
+        if self.user_collate is not None:
+            return self.user_collate(samples)
+        if isinstance(samples[0], dict) and "input_ids" in samples[0] and "__pad_id__" in samples[0]:
+            return vlm_collate(samples, self.padding, self.pad_to)
+        return default_collate(samples)
 
     def __call__(self, it: Iterator[Any]) -> Iterator[Any]:
         buf: list[Any] = []

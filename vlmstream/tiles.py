@@ -38,8 +38,8 @@ def tiled_size(width: int, height: int, tile: int, max_side: int, to_max_side: b
         raise ValueError(f"max_side ({max_side}) must be a positive multiple of tile ({tile})")
     long, short = max(width, height), min(width, height)
     target_long = max_side if to_max_side else min(max_side, math.ceil(long / tile) * tile)
-    scale = target_long / long
-    target_short = max(tile, math.ceil(short * scale / tile) * tile)
+    # ceil(short * target_long / long / tile) in integers: in floats a square image can round up a whole tile
+    target_short = max(tile, -(-short * target_long // (long * tile)) * tile)
     return (target_long, target_short) if width >= height else (target_short, target_long)
 
 

@@ -1,0 +1,75 @@
+"""ImageTiles: nanoVLM's sizes, tile order and global view."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from PIL import Image
+
+import vlmstream as vs
+from vlmstream.tiles import cut_tiles, num_tiles, tiled_size
+
+
+@given(st.integers(1, 5000), st.integers(1, 5000), st.sampled_from([32, 256, 512]), st.integers(1, 8), st.booleans())
+def test_sizes_are_tile_multiples_within_max_side(w, h, tile, k, to_max):
+    max_side = tile * k
+    tw, th = tiled_size(w, h, tile, max_side, to_max)
+    assert tw % tile == 0 and th % tile == 0 and tile <= min(tw, th) and max(tw, th) <= max_side
+    if to_max:
+        assert max(tw, th) == max_side
+    assert (tw >= th) == (w >= h) or tw == th
+
+
+def test_nanovlm_examples():
+    assert tiled_size(640, 480, 512, 2048) == (1024, 1024)  # long side rounded up, short follows the scale
+    assert tiled_size(64, 64, 512, 2048) == (512, 512)  # never below one tile
+    assert tiled_size(4000, 3000, 512, 2048) == (2048, 1536)
+    assert tiled_size(640, 480, 512, 2048, to_max_side=True) == (2048, 1536)
+    with pytest.raises(ValueError, match="multiple of tile"):
+        vs.ImageTiles(tile=512, max_side=1000)
+
+
+def test_tiles_are_row_major_crops_after_a_global_view():
+    arr = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    t = vs.ImageTiles(tile=32, max_side=96, output="uint8")(Image.fromarray(arr))
+    assert t.grid == (2, 3) and t.pixels.shape == (7, 3, 32, 32) and t.pixels.dtype == torch.uint8
+    for k in range(6):
+        r, c = divmod(k, 3)
+        assert torch.equal(t.pixels[1 + k], torch.from_numpy(arr[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32]).permute(2, 0, 1))
+    glob = np.asarray(Image.fromarray(arr).resize((32, 32), Image.BICUBIC))
+    assert torch.equal(t.pixels[0], torch.from_numpy(glob).permute(2, 0, 1))
+    assert num_tiles(t.grid) == 7 and num_tiles((1, 1)) == 1
+
+
+def test_one_tile_has_no_global_view_and_float_is_unit_range():
+    t = vs.ImageTiles(tile=64, max_side=128)(Image.new("RGB", (50, 40), (255, 0, 0)))
+    assert t.grid == (1, 1) and t.pixels.shape == (1, 3, 64, 64) and not t.has_global
+    assert t.pixels.dtype == torch.float32 and t.pixels[0, 0].min() == 1.0 and t.pixels[0, 1].max() == 0.0
+
+
+def test_uint8_normalised_on_the_device_equals_float_output():
+    im = Image.fromarray(np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    u = vs.ImageTiles(tile=32, max_side=64, output="uint8")(im).pixels
+    f = vs.ImageTiles(tile=32, max_side=64)(im).pixels
+    assert torch.equal(vs.to_unit_float(u, "cpu"), f)
+
+
+def test_cut_tiles_inverse():
+    a = np.arange(4 * 6 * 3).reshape(4, 6, 3)
+    t = cut_tiles(a, 2)
+    assert t.shape == (6, 3, 2, 2) and (t[4].transpose(1, 2, 0) == a[2:4, 2:4]).all()
+
+
+def test_draft_decoding_for_tiles_covers_the_target(tmp_path):
+    import io
+
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((2048, 1536)).save(buf, "JPEG")
+    tiles = vs.ImageTiles(tile=256, max_side=512, output="uint8")
+    sample = vs.decode(tiles).decode_sample({"__key__": "a", "0.jpg": buf.getvalue()})
+    full = vs.decode(vs.ImageTiles(tile=256, max_side=512, output="uint8", draft=False)).decode_sample(
+        {"__key__": "a", "0.jpg": buf.getvalue()})
+    assert sample["0.jpg"].grid == full["0.jpg"].grid == (2, 2)
+    assert (sample["0.jpg"].pixels.float() - full["0.jpg"].pixels.float()).abs().mean() < 3

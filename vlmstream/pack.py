@@ -1,0 +1,127 @@
+"""`vs.pack(seq_len, max_images=...)`: several tokenized samples per sequence, under a token and image budget.
+
+The maths (`pack_bins`) is a pure function: first-fit decreasing over a buffer of samples, the bin sizes
+counting a separator between samples, each bin holding at most `max_images` images (as nanoVLM's balanced
+knapsack does, so that no sequence brings more vision-encoder work than the GPU was sized for). The least
+filled bin is carried over to the next buffer instead of being emitted half empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .tokenize import IGNORE
+
+
+def pack_bins(lengths: Sequence[int], images: Sequence[int], seq_len: int, max_images: int | None,
+              sep: int = 1) -> list[list[int]]:
+    """Group item indexes into bins: sum(lengths) + sep * (items - 1) <= seq_len, sum(images) <= max_images.
+
+    First-fit decreasing by length; each bin's items keep their arrival order (earlier first).
+    """
+    cap_img = max_images if max_images is not None else float("inf")
+    for i, (n, k) in enumerate(zip(lengths, images)):
+        if n > seq_len or k > cap_img:
+            raise ValueError(f"item {i} ({n} tokens, {k} images) exceeds one sequence ({seq_len} tokens, "
+                             f"{max_images} images): tokenize with max_len <= seq_len")
+    bins: list[list[int]] = []
+    used: list[int] = []
+    imgs: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b in range(len(bins)):
+            if used[b] + sep + lengths[i] <= seq_len and imgs[b] + images[i] <= cap_img:
+                bins[b].append(i)
+                used[b] += sep + lengths[i]
+                imgs[b] += images[i]
+                break
+        else:
+            bins.append([i])
+            used.append(lengths[i])
+            imgs.append(images[i])
+    return [sorted(b) for b in bins]
+
+
+def concat(samples: Sequence[dict[str, Any]], sep_id: int) -> dict[str, Any]:
+    """One packed sequence: ids and labels joined by a separator (label -100), positions restarting per
+    sample, a sequence id per sample (the separator belongs to the sample before it), images in order."""
+    ids, labels, pos, seq = [], [], [], []
+    for j, s in enumerate(samples):
+        n = len(s["input_ids"])
+        if j:
+            ids.append(torch.tensor([sep_id]))
+            labels.append(torch.tensor([IGNORE]))
+            pos.append(torch.tensor([pos[-1][-1].item() + 1]))
+            seq.append(torch.tensor([j - 1]))
+        ids.append(s["input_ids"])
+        labels.append(s["labels"])
+        pos.append(torch.arange(n))
+        seq.append(torch.full((n,), j))
+    return {
+        "__key__": "+".join(s["__key__"] for s in samples),
+        "__keys__": [s["__key__"] for s in samples],
+        "input_ids": torch.cat(ids),
+        "labels": torch.cat(labels),
+        "position_ids": torch.cat(pos),
+        "sequence_id": torch.cat(seq),
+        "images": [im for s in samples for im in s["images"]],
+        "__pad_id__": samples[0]["__pad_id__"],
+    }
+
+
+@dataclass
+class PackStats:
+    samples: int = 0
+    sequences: int = 0
+    tokens: int = 0  # tokens in emitted sequences, separators included
+
+    @property
+    def fill(self) -> float:
+        """Mean share of seq_len used by the emitted sequences."""
+        return self.tokens / (self.sequences * self.seq_len) if self.sequences else 0.0
+
+    seq_len: int = 0
+
+
+class pack:
+    """The stage. ``buffer``: samples considered together (more: fuller sequences, more memory).
+    ``sep_id``: the separator token (default: the tokenizer's pad id carried by each sample)."""
+
+    def __init__(self, seq_len: int, max_images: int | None = None, *, buffer: int = 256, sep_id: int | None = None,
+                 min_fill: float = 0.9):
+        self.seq_len, self.max_images, self.buffer, self.sep_id, self.min_fill = seq_len, max_images, buffer, sep_id, min_fill
+        self.carry: list[dict[str, Any]] = []
+        self.stats = PackStats(seq_len=seq_len)
+
+    def _emit(self, items: list[dict[str, Any]], final: bool) -> Iterator[dict[str, Any]]:
+        lengths = [len(s["input_ids"]) for s in items]
+        bins = pack_bins(lengths, [len(s["images"]) for s in items], self.seq_len, self.max_images)
+        bins.sort(key=lambda b: b[0])  # emit in arrival order of each bin's first sample
+        carry: list[dict[str, Any]] = []
+        if not final:
+            fill = [sum(lengths[i] for i in b) + len(b) - 1 for b in bins]
+            worst = min(range(len(bins)), key=lambda b: (fill[b], -b))
+            if fill[worst] < self.min_fill * self.seq_len:
+                carry = [items[i] for i in bins.pop(worst)]
+        self.carry = carry
+        for b in bins:
+            group = [items[i] for i in b]
+            out = concat(group, self.sep_id if self.sep_id is not None else group[0]["__pad_id__"])
+            self.stats.samples += len(group)
+            self.stats.sequences += 1
+            self.stats.tokens += len(out["input_ids"])
+            yield out
+
+    def __call__(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        self.stats = PackStats(seq_len=self.seq_len)
+        pending = list(self.carry)
+        for s in it:
+            pending.append(s)
+            if len(pending) >= self.buffer:
+                yield from self._emit(pending, final=False)
+                pending = list(self.carry)
+        if pending:
+            yield from self._emit(pending, final=True)
+        self.carry = []
