@@ -6,7 +6,7 @@ calls for ``HfApi().list_repo_files(...)``, ``hf_hub_download(...)`` and a plain
 - ``GET /api/datasets/ORG/NAME/tree/REV[/PATH]?recursive=&expand=[&cursor=]``: JSON entries
   (``type``, ``oid``, ``size``, ``path``, ``lfs`` for LFS files), paged with a ``Link: <...>; rel="next"`` header
   like the Hub's cursor pagination;
-- ``HEAD`` / ``GET /datasets/ORG/NAME/resolve/REV/PATH``: the file with ``ETag`` (git blob sha1), ``X-Repo-Commit``,
+- ``HEAD`` / ``GET /datasets/ORG/NAME/resolve/REV/PATH`` (and ``/ORG/NAME/resolve/...`` for model repos): the file with ``ETag`` (git blob sha1), ``X-Repo-Commit``,
   ``Content-Length``, ``Accept-Ranges`` and Range support (206 + ``Content-Range``, 416); for "LFS" files (``.tar``
   by default) a 302 to a second server, the "CDN", with ``X-Linked-Etag`` (sha256), ``X-Linked-Size`` and a signed
   looking ``Location``, as the Hub redirects to its storage host;
@@ -222,6 +222,8 @@ class HubStandin:
                     api, org, name, revision, path = True, seg[3], seg[4], seg[6], seg[7:]
                 elif len(seg) >= 7 and seg[1] == "datasets" and seg[4] == "resolve":
                     api, org, name, revision, path = False, seg[2], seg[3], seg[5], seg[6:]
+                elif len(seg) >= 6 and seg[3] == "resolve" and seg[1] not in ("api", "datasets", "spaces"):
+                    api, org, name, revision, path = False, seg[1], seg[2], seg[4], seg[5:]  # a model repo
                 else:
                     with hub._lock:
                         hub.unknown.append(f"{self.command} {parts.path}")

@@ -120,3 +120,30 @@ def test_easyvqa_through_decode_and_tokenize():
         answers = [m["content"] for m in msgs if m["role"] == "assistant"]
         got = tok.tok.decode([int(ids[t + 1]) for t in range(len(ids) - 1) if labels[t] != IGNORE], skip_special_tokens=False)
         assert got == "".join(a + "<|im_end|>" for a in answers)
+
+
+def test_from_pretrained_through_huggingface_hub(tmp_path, monkeypatch):
+    """A Hub model's tokenizer.json through huggingface_hub, against the local Hub stand-in (HF_ENDPOINT)."""
+    import importlib
+
+    import huggingface_hub.constants
+
+    from hf_standin import HubStandin
+    from vlm_data import easyvqa_bpe_json
+
+    repo = tmp_path / "model"
+    repo.mkdir()
+    (repo / "tokenizer.json").write_text(easyvqa_bpe_json())
+    with HubStandin({"org/tiny-lm": {"main": str(repo)}}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        importlib.reload(huggingface_hub.constants)
+        try:
+            tok = vs.ChatTokenizer.from_pretrained("org/tiny-lm", image_token_length=4)
+        finally:
+            monkeypatch.undo()
+            importlib.reload(huggingface_hub.constants)
+        assert not hub.unknown
+    assert tok.encode(MSGS[:3], [(1, 1)]).input_ids == chat_tokenizer(image_token_length=4).encode(MSGS[:3], [(1, 1)]).input_ids
