@@ -1,18 +1,14 @@
 """The batch contract as a nanoVLM-style loop uses it: shards -> ... -> batches -> model(...) with no glue."""
 
-import json
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import vlmstream as vs
-from vlm_data import chat_tokenizer, easyvqa_conversations
-from vlmstream.format import write_manifest
+from vlm_data import chat_tokenizer, write_easyvqa_shards
 from vlmstream.tiles import num_tiles
 from vlmstream.tokenize import IGNORE
-from vlmstream.writer import ShardWriter
 
 TILE, MAX_SIDE, RUN = 32, 64, 64
 
@@ -46,12 +42,7 @@ class TinyVLM(nn.Module):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vqa")
-    w = ShardWriter(str(root), maxcount=10)
-    for i, (msgs, png) in enumerate(easyvqa_conversations(40)):
-        w.write(f"{i:06d}", [("json", json.dumps({"messages": msgs, "images": ["0.png"]}).encode()), ("0.png", png)])
-    write_manifest(str(root / "index.json"), w.close())
-    return str(root / "index.json")
+    return write_easyvqa_shards(str(tmp_path_factory.mktemp("vqa")))
 
 
 def vlm_pipe(index, tok, packed):
@@ -111,8 +102,6 @@ def test_a_nanovlm_loop_trains_on_vlmstream_batches_with_no_glue(shards, packed)
 def test_answers_in_labels_are_the_easyvqa_answers(shards):
     tok = chat_tokenizer(image_token_length=RUN)
     answers = set()
-    for _, png in []:
-        pass
     for batch in vlm_pipe(shards, tok, packed=False):
         for row in range(batch["input_ids"].shape[0]):
             seq, lab = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()

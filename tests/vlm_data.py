@@ -38,3 +38,19 @@ def easyvqa_conversations(n_images: int = 20):
         with open(paths[i], "rb") as f:
             out.append((msgs, f.read()))
     return out
+
+
+def write_easyvqa_shards(root: str, n_images: int = 40, maxcount: int = 10) -> str:
+    """easy-VQA conversations packed as vlmstream shards under `root`; returns the manifest's path."""
+    import json
+    import os
+
+    from vlmstream.format import write_manifest
+    from vlmstream.writer import ShardWriter
+
+    w = ShardWriter(root, maxcount=maxcount)
+    for i, (msgs, png) in enumerate(easyvqa_conversations(n_images)):
+        w.write(f"{i:06d}", [("json", json.dumps({"messages": msgs, "images": ["0.png"]}).encode()), ("0.png", png)])
+    path = os.path.join(root, "index.json")
+    write_manifest(path, w.close())
+    return path

@@ -22,6 +22,7 @@ _EXPORTS = {
     "FetchError": "fetch", "FetchOptions": "fetch", "fetch": "fetch", "open_url": "fetch",
     "Conversation": "format", "FormatError": "format", "ShardInfo": "format", "conversation_from_sample": "format",
     "Loader": "loader",
+    "from_config": "config",
     "pack": "pack",
     "Context": "pipeline", "Pipeline": "pipeline",
     "shards": "shardlist",

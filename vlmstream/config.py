@@ -1,0 +1,100 @@
+"""Pipelines from YAML, for people who prefer configs: the same chain as in Python, stage by stage.
+
+    seed: 0
+    tokenizer: {file: "{data}/tokenizer.json", image_token_length: 64}
+    pipeline:
+      - shards: {spec: "{data}/index.json"}
+      - split_by_node: {}
+      - ...
+      - decode: {image: {ImageTiles: {tile: 512, max_side: 2048}}}
+      - tokenize: {max_len: 4096}          # the tokenizer above is passed in
+      - batch: {n: 8}
+    loader: {num_workers: 4}
+
+``{name}`` in any string is filled from the keyword arguments of `from_config` (paths, hosts).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import yaml
+
+# Transforms `decode: {image: {NAME: {...}}}` may name.
+TRANSFORMS = ("ImageTiles", "Resize")
+STAGES = ("shards", "split_by_node", "split_by_worker", "fetch", "tar_samples", "shuffle", "decode", "tokenize",
+          "pack", "batch", "take")
+
+
+def _fill(value: Any, variables: Mapping[str, Any]) -> Any:
+    if isinstance(value, str):
+        try:
+            return value.format_map(variables)
+        except KeyError as e:
+            raise ValueError(f"config uses {{{e.args[0]}}}: pass {e.args[0]}=... to from_config") from None
+    if isinstance(value, list):
+        return [_fill(v, variables) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, variables) for k, v in value.items()}
+    return value
+
+
+def load(source: str | Mapping[str, Any], **variables: Any) -> dict[str, Any]:
+    """The config as a dict, placeholders filled; `source` is a YAML path or an already-parsed mapping."""
+    if isinstance(source, str):
+        with open(source) as f:
+            source = yaml.safe_load(f)
+    if not isinstance(source, Mapping):
+        raise ValueError("a config is a mapping with a 'pipeline' list")
+    return _fill(dict(source), variables)
+
+
+def build_tokenizer(spec: Mapping[str, Any]):
+    import vlmstream as vs
+
+    spec = dict(spec)
+    if "file" in spec:
+        return vs.ChatTokenizer.from_file(spec.pop("file"), **spec)
+    if "pretrained" in spec:
+        return vs.ChatTokenizer.from_pretrained(spec.pop("pretrained"), **spec)
+    raise ValueError("tokenizer: give 'file' (a tokenizer.json) or 'pretrained' (a Hub repo id)")
+
+
+def build_stage(entry: Mapping[str, Any], tok: Any) -> Any:
+    import vlmstream as vs
+
+    if not isinstance(entry, Mapping) or len(entry) != 1:
+        raise ValueError(f"each pipeline entry is one 'stage: {{args}}' mapping, got {entry!r}")
+    (name, args), = entry.items()
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
+    args = dict(args or {})
+    if name == "decode" and isinstance(args.get("image"), Mapping):
+        (tname, targs), = args["image"].items()
+        if tname not in TRANSFORMS:
+            raise ValueError(f"unknown image transform {tname!r}; known: {', '.join(TRANSFORMS)}")
+        args["image"] = getattr(vs, tname)(**(targs or {}))
+    if name == "tokenize":
+        if tok is None:
+            raise ValueError("a tokenize stage needs a top-level 'tokenizer:' entry")
+        return vs.tokenize(tok, **args)
+    positional = {"shards": "spec", "shuffle": "bufsize", "pack": "seq_len", "batch": "n", "take": "n"}.get(name)
+    if positional and positional in args:
+        return getattr(vs, name)(args.pop(positional), **args)
+    return getattr(vs, name)(**args)
+
+
+def from_config(source: str | Mapping[str, Any], **variables: Any):
+    """A `vs.Loader` when the config has a ``loader:`` entry, else a `vs.Pipeline`."""
+    import vlmstream as vs
+
+    cfg = load(source, **variables)
+    unknown = set(cfg) - {"seed", "tokenizer", "pipeline", "loader"}
+    if unknown:
+        raise ValueError(f"unknown top-level config keys {sorted(unknown)}")
+    tok = build_tokenizer(cfg["tokenizer"]) if "tokenizer" in cfg else None
+    stages = [build_stage(e, tok) for e in cfg.get("pipeline") or []]
+    pipe = vs.Pipeline(*stages, seed=cfg.get("seed", 0))
+    if "loader" in cfg:
+        return vs.Loader(pipe, **(cfg["loader"] or {}))
+    return pipe
