@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Union
 
 import numpy as np
 import torch
@@ -26,10 +26,14 @@ class ImageTransform(Protocol):
     def __call__(self, im: Image.Image) -> Any: ...
 
 
-def open_image(data: bytes, draft: tuple[int, int] | None = None, max_pixels: int | None = None) -> Image.Image:
+Draft = Union[tuple[int, int], Callable[[int, int], Optional[tuple[int, int]]], None]
+
+
+def open_image(data: bytes, draft: Draft = None, max_pixels: int | None = None) -> Image.Image:
     """Decode to an RGB image: EXIF orientation applied, any mode converted, draft-decoded if allowed.
 
-    ``draft``: the smallest (w, h) the caller will use; JPEGs then decode at the largest 1/2^k scale that
+    ``draft``: the smallest (w, h) the caller will use, or a function of the stored (w, h) giving it; JPEGs
+    then decode at the largest 1/2^k scale that
     still covers it. ``max_pixels``: refuse larger images before decoding them (decompression bombs).
     """
     try:
@@ -39,6 +43,9 @@ def open_image(data: bytes, draft: tuple[int, int] | None = None, max_pixels: in
     if max_pixels is not None and im.width * im.height > max_pixels:
         raise ValueError(f"image of {im.width}x{im.height} pixels exceeds the limit of {max_pixels}")
     orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+    if callable(draft) and im.format == "JPEG":
+        sw, sh = (im.height, im.width) if orientation in (5, 6, 7, 8) else im.size  # as displayed
+        draft = draft(sw, sh)
     if draft is not None and im.format == "JPEG":
         w, h = draft
         if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: the stored image is transposed
@@ -65,8 +72,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def to_uint8(im: Image.Image) -> torch.Tensor:
-    """[3, H, W] uint8: 4x less traffic between processes than float; normalise on the device."""
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+    """[3, H, W] uint8, contiguous: 4x less traffic between processes than float; normalise on the device.
+
+    Contiguous because torch.stack (the batch stage) copies channel-interleaved views ten times slower.
+    """
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)))
 
 
 def to_float(im: Image.Image) -> torch.Tensor:
@@ -74,8 +84,31 @@ def to_float(im: Image.Image) -> torch.Tensor:
     return to_uint8(im).float().div_(255.0)
 
 
+def _has_fast_uint8_resize() -> bool:
+    try:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# torch's antialiased bilinear resize of uint8 images has AVX2/AVX-512 kernels: on a 320x240 -> 224x224 RGB
+# photo it takes about a third of Pillow's time and agrees with Pillow to within one level of 255.
+_FAST_UINT8_RESIZE = _has_fast_uint8_resize()
+
+
+def _resize_rgb_tensor(im: Image.Image, wh: tuple[int, int]) -> torch.Tensor:
+    """An RGB image as a contiguous [3, h, w] uint8 tensor resized to wh with torch's bilinear (antialiased)."""
+    x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)  # channels-last view
+    out = torch.nn.functional.interpolate(x, size=(wh[1], wh[0]), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].contiguous()
+
+
 class Resize:
-    """Resize to exactly (size, size) or (w, h); output "pil", "uint8" or "float"."""
+    """Resize to exactly (size, size) or (w, h); output "pil", "uint8" or "float".
+
+    Tensor outputs of RGB images with the default bilinear filter are resized by torch on CPUs with AVX2 (or
+    AVX-512) kernels, several times faster than Pillow and equal to it within one level; elsewhere by Pillow.
+    """
 
     def __init__(self, size: int | tuple[int, int], output: str = "uint8", resample=Image.BILINEAR, draft: bool = True):
         self.wh = (size, size) if isinstance(size, int) else tuple(size)
@@ -83,10 +116,14 @@ class Resize:
             raise ValueError(f"output must be pil, uint8 or float, not {output!r}")
         self.output, self.resample, self.draft = output, resample, draft
 
-    def draft_size(self) -> tuple[int, int] | None:
-        return self.wh if self.draft else None
+    def draft_size(self, width: int = 0, height: int = 0) -> tuple[int, int] | None:
+        return self.wh if self.draft else None  # the same whatever the stored size
 
     def __call__(self, im: Image.Image) -> Any:
+        if (im.size != self.wh and self.output != "pil" and self.resample == Image.BILINEAR and im.mode == "RGB"
+                and _FAST_UINT8_RESIZE):
+            x = _resize_rgb_tensor(im, self.wh)
+            return x if self.output == "uint8" else x.float().div_(255.0)
         if im.size != self.wh:
             im = im.resize(self.wh, self.resample, reducing_gap=None)
         return {"pil": lambda x: x, "uint8": to_uint8, "float": to_float}[self.output](im)
@@ -110,8 +147,7 @@ class decode:
                 raise ValueError(f"image must be one of {sorted(_OUTPUTS)} or a transform, not {image!r}")
             image = _OUTPUTS[image]
         self.image, self.json, self.txt, self.max_pixels = image, json, txt, max_pixels
-        size = getattr(image, "draft_size", None)
-        self.draft = size() if callable(size) else None
+        self.draft = getattr(image, "draft_size", None)  # (w, h) of the stored image -> smallest usable size
 
     def decode_sample(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(sample)
