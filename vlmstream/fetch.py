@@ -147,10 +147,10 @@ class _Retry(Exception):
 class HTTPStream(io.RawIOBase):
     """A readable stream over one HTTP(S) URL that retries and resumes by Range where it broke."""
 
-    def __init__(self, url: str, client: HTTPClient, headers: Mapping[str, str] | None = None):
+    def __init__(self, url: str, client: HTTPClient, headers: Mapping[str, str] | None = None, start: int = 0):
         self.url, self.client, self.opts = url, client, client.opts
         self._headers = headers  # per-URL headers (an hf:// token): kept out of errors and reprs
-        self.pos = 0
+        self.pos = start  # > 0: the first request is already a Range request (resuming a checkpoint)
         self.length: int | None = None
         self.etag: str | None = None
         self.resp: http.client.HTTPResponse | None = None
@@ -259,11 +259,14 @@ class HTTPStream(io.RawIOBase):
 
 
 def open_url(url: str, *, client: HTTPClient | None = None, allow_pipe: bool = False, hf_token: str | bool | None = None,
-             buffer_size: int = 1 << 20) -> BinaryIO:
-    """Open a shard for reading: a local path, file://, http(s)://, hf:// or (only if allowed) pipe:."""
+             buffer_size: int = 1 << 20, start: int = 0) -> BinaryIO:
+    """Open a shard for reading from byte `start`: a local path, file://, http(s)://, hf:// or (only if
+    allowed) pipe:."""
     if url.startswith("pipe:"):
         if not allow_pipe:
             raise FetchError(f"{url[:40]!r}: pipe: URLs run shell commands; pass allow_pipe=True to use them")
+        if start:
+            raise FetchError(f"{url[:40]!r}: a pipe: stream cannot start at byte {start}")
         proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=buffer_size)
         return proc.stdout
     headers = None
@@ -272,12 +275,15 @@ def open_url(url: str, *, client: HTTPClient | None = None, allow_pipe: bool = F
         headers = {"Authorization": f"Bearer {token}"} if token else None
     if url.startswith(("http://", "https://")):
         client = client or HTTPClient(FetchOptions(), FetchStats())
-        return io.BufferedReader(HTTPStream(url, client, headers), buffer_size)
+        return io.BufferedReader(HTTPStream(url, client, headers, start), buffer_size)
     path = url[7:] if url.startswith("file://") else url
     try:
-        return open(path, "rb", buffering=buffer_size)
+        f = open(path, "rb", buffering=buffer_size)
     except OSError as e:
         raise FetchError(f"{path}: {e.strerror}") from None
+    if start:
+        f.seek(start)
+    return f
 
 
 def hf_resolve_url(url: str, token: str | bool | None = None) -> tuple[str, str | None]:
@@ -485,14 +491,18 @@ class fetch:
         if self.ctx.num_workers > 1 and not item.get("worker_split") and not item.get("resampled"):
             raise ValueError(f"{self.ctx.num_workers} DataLoader workers would each read every shard: "
                              "add vs.split_by_worker() before vs.fetch()")
+        start = item.get("start_offset", 0)  # resuming inside a shard, or reading samples by reference
         if self.cache is not None:
             hit = self.cache.get(url)
             if hit is not None:
                 self.stats.cache_hits += 1
-                return open(hit, "rb", buffering=self.opts.chunk)
-        f = open_url(url, client=client, allow_pipe=self.allow_pipe, hf_token=self.hf_token, buffer_size=self.opts.chunk)
+                f = open(hit, "rb", buffering=self.opts.chunk)
+                f.seek(start)
+                return f
+        f = open_url(url, client=client, allow_pipe=self.allow_pipe, hf_token=self.hf_token,
+                     buffer_size=self.opts.chunk, start=start)
         self.stats.shards += 1
-        if self.cache is not None and "://" in url:
+        if self.cache is not None and "://" in url and not start:
             return io.BufferedReader(self.cache.tee(url, f), self.opts.chunk)
         return f
 

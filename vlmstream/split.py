@@ -243,15 +243,45 @@ class QuotaStats:
     dropped: int = 0  # samples of this slot's shards left out so that it stops at its quota
 
 
-def slot_samples(items: Iterator[dict[str, Any]], read: Any, stats: QuotaStats | None = None) -> Iterator[Any]:
+@dataclass
+class SlotCursor:
+    """How far a slot got: the resume point a checkpoint records (small: a few integers)."""
+
+    item: int = 0  # items of the slot's list finished
+    index: int | None = None  # __index__ of the last sample yielded from the current item
+    offset: int | None = None  # that sample's __offset__
+    count: int = 0  # samples yielded so far (the quota counts these)
+    real: int = 0  # of which not padding
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def resume_items(items: Iterator[dict[str, Any]], cursor: SlotCursor) -> Iterator[dict[str, Any]]:
+    """Skip the items a slot finished, and start its current item just after the last sample it yielded:
+    at that sample's byte offset (a seek or a Range request), not from the start of the shard."""
+    for k, item in enumerate(items):
+        if k < cursor.item:
+            continue
+        if k == cursor.item and cursor.index is not None:
+            item = {**item, "skip_through": cursor.index}
+            compressed = item["url"].endswith((".gz", ".tgz"))  # offsets are uncompressed: re-read and skip
+            if "refs" not in item and not compressed:
+                item.update(start_offset=cursor.offset, start_index=cursor.index)
+        yield item
+
+
+def slot_samples(items: Iterator[dict[str, Any]], read: Any, stats: QuotaStats | None = None,
+                 cursor: SlotCursor | None = None) -> Iterator[Any]:
     """Samples of the shard items this slot holds: each item's sample filter applied, and the slot's
-    quota (equal per-rank counts) enforced. `read(item)` yields the samples of one shard item."""
+    quota (equal per-rank counts) enforced. `read(item)` yields the samples of one shard item.
+    `cursor` is kept up to date before each sample is yielded (and says where to resume)."""
     stats = stats if stats is not None else QuotaStats()
-    count = real = 0
+    cursor = cursor if cursor is not None else SlotCursor()
     quota = total = None
     for item in items:
         quota, total = item.get("quota"), item.get("slot_total")
-        if quota is not None and count >= quota:
+        if quota is not None and cursor.count >= quota:
             break  # the shards left are never opened
         off, step, padding = item.get("sample_offset", 0), item.get("sample_step", 1), item.get("padding", False)
         samples = read(item)
@@ -259,15 +289,18 @@ def slot_samples(items: Iterator[dict[str, Any]], read: Any, stats: QuotaStats |
             for sample in samples:
                 if step > 1 and sample["__index__"] % step != off:
                     continue
-                count += 1
+                cursor.index, cursor.offset = sample["__index__"], sample["__offset__"]
+                cursor.count += 1
+                cursor.real += not padding
                 stats.padded += padding
-                real += not padding
                 yield sample
-                if quota is not None and count >= quota:
+                if quota is not None and cursor.count >= quota:
                     break
         finally:
             close = getattr(samples, "close", None)
             if close is not None:
                 close()
+        cursor.item += 1
+        cursor.index = cursor.offset = None
     if quota is not None and total is not None:
-        stats.dropped += total - real  # counted from the manifest, never silent
+        stats.dropped += total - cursor.real  # counted from the manifest, never silent

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 from zlib import adler32
 
 from .format import FormatError
-from .split import QuotaStats, slot_samples
+from .split import QuotaStats, SlotCursor, slot_samples
 
 BLOCK = 512
 _ZEROS = bytes(BLOCK)
@@ -347,16 +347,19 @@ def split_key(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def group_samples(members: Iterable[tuple[str, bytes, int]], url: str) -> Iterator[Sample]:
+def group_samples(members: Iterable[tuple[str, bytes, int]], url: str, base_offset: int = 0,
+                  first_index: int = 0) -> Iterator[Sample]:
     """Group one shard's members into samples by webdataset's rules: a new sample whenever the key changes.
 
     Each sample has ``__key__``, ``__url__``, one bytes value per (lowercased) extension, and its provenance:
     ``__offset__`` (the tar offset of its first member's header) and ``__index__`` (its rank in the shard).
+    A stream opened mid-shard (at a sample's offset, to resume) gives that offset and index as the bases.
     """
     sample: Sample | None = None
     key = None
-    index = 0
+    index = first_index
     for name, data, offset in members:
+        offset += base_offset
         if name.startswith("__") and (("/" not in name and name.endswith("__")) or _META.match(name)):
             continue  # webdataset skips __meta__ members
         split = split_key(name)
@@ -378,9 +381,11 @@ def group_samples(members: Iterable[tuple[str, bytes, int]], url: str) -> Iterat
         yield sample
 
 
-def read_tar_samples(stream: Readable, url: str, *, max_member_bytes: int | None = None) -> Iterator[Sample]:
+def read_tar_samples(stream: Readable, url: str, *, max_member_bytes: int | None = None, base_offset: int = 0,
+                     first_index: int = 0) -> Iterator[Sample]:
     """The samples of one shard read from ``stream`` (left open: the caller owns it)."""
-    return group_samples(iter_members(stream, url, max_member_bytes=max_member_bytes), url)
+    members = iter_members(stream, url, max_member_bytes=max_member_bytes)
+    return group_samples(members, url, base_offset, first_index)
 
 
 class TarSamples:
@@ -394,19 +399,53 @@ class TarSamples:
     def __init__(self, *, max_member_bytes: int | None = None):
         self.max_member_bytes = max_member_bytes
         self.stats = QuotaStats()
+        self.cursor = SlotCursor()  # where this slot is: what a checkpoint records, what a resume starts from
+        self._resume: SlotCursor | None = None
 
     def __call__(self, items: Iterable[dict[str, Any]]) -> Iterator[Sample]:
         self.stats = QuotaStats()  # one count per iteration (per worker slot)
-        return slot_samples(iter(items), self.read, self.stats)
+        self.cursor, self._resume = self._resume or SlotCursor(), None
+        return slot_samples(iter(items), self.read, self.stats, self.cursor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.cursor.as_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the next iteration from this cursor (the pipeline skips the finished items before fetch)."""
+        self._resume = SlotCursor(**state)
 
     def read(self, item: dict[str, Any]) -> Iterator[Sample]:
-        """All samples of one shard item, closing its stream."""
+        """The samples of one shard item, closing its stream.
+
+        Resume keys on the item: ``start_offset`` / ``start_index`` (the stream starts at that sample),
+        ``skip_through`` (samples up to that index were delivered already), ``refs`` (only these indexes,
+        sorted: samples fetched again by reference).
+        """
         url = item.get("url", "?")
         stream = item.get("stream")
         if stream is None:
             raise TarError(f"{url}: no 'stream' in {sorted(item)}; put a fetch stage before tar_samples")
+        skip = item.get("skip_through", -1)
+        refs = item.get("refs")
+        wanted = set(refs) if refs is not None else None
         try:
-            yield from read_tar_samples(stream, url, max_member_bytes=self.max_member_bytes)
+            samples = read_tar_samples(stream, url, max_member_bytes=self.max_member_bytes,
+                                       base_offset=item.get("start_offset", 0), first_index=item.get("start_index", 0))
+            for sample in samples:
+                i = sample["__index__"]
+                if i <= skip:
+                    continue
+                if wanted is not None:
+                    if i not in wanted:
+                        continue
+                    wanted.discard(i)
+                    yield sample
+                    if not wanted:
+                        return
+                    continue
+                yield sample
+            if wanted:
+                raise TarError(f"{url}: samples {sorted(wanted)[:5]} referenced by a checkpoint are not in the shard")
         finally:
             stream.close()
 
