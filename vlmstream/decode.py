@@ -168,6 +168,8 @@ class decode:
                 ) from None
         return out
 
+    map_sample = decode_sample  # one sample in, one out: how a resumed pipeline rebuilds buffered samples
+
     def __call__(self, it: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
         for sample in it:
             yield self.decode_sample(sample)

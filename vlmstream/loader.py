@@ -1,12 +1,24 @@
-"""`vs.Loader`: a torch DataLoader over a Pipeline that knows its epoch (and, later, its exact position)."""
+"""`vs.Loader`: a torch DataLoader over a Pipeline that knows its epoch and its exact position.
+
+Checkpoints follow torchdata's StatefulDataLoader idea: each worker sends, with every batch, the state of its
+slot right after making that batch; the Loader keeps, per worker, the state that goes with the last batch the
+user actually received, and which worker comes next. Resuming hands each worker its state back (buffers are
+fetched again by reference) and replays the workers' round-robin order from where it stopped, so the batches
+that follow are byte for byte those an uninterrupted run yields. Resumed on another topology (world size or
+workers), the samples of the epoch not yet delivered are re-planned over the new slots: each delivered once.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import copy
+from collections import deque
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch.utils.data
 
-from .pipeline import Pipeline, distributed_rank_world
+from .pipeline import Context, Pipeline, distributed_rank_world
+
+LOADER_STATE_VERSION = 1
 
 
 class Loader:
@@ -14,6 +26,7 @@ class Loader:
 
     Rank and world size are read once here, in the training process, and handed to the workers with the
     pipeline. Each full pass advances the epoch, so shard order and shuffling change every epoch.
+    ``state_dict()`` / ``load_state_dict()`` checkpoint the position (JSON-serialisable, kilobytes).
     """
 
     def __init__(self, pipeline: Pipeline, num_workers: int = 0, *, epoch: int = 0, **dataloader_kwargs: Any):
@@ -22,15 +35,161 @@ class Loader:
         self.epoch = epoch
         self.kwargs = {"pin_memory": False, "prefetch_factor": 2 if num_workers else None, **dataloader_kwargs}
         self.kwargs.setdefault("persistent_workers", False)
+        self._fresh_epoch()
+        self._resume: dict[str, Any] | None = None
+
+    def _fresh_epoch(self) -> None:
+        self.states: dict[int, Any] = {}  # worker -> state after the last batch delivered from it
+        self.done: set[int] = set()  # workers whose stream ended
+        self.next_worker = 0
+        self.delivered = 0
+
+    @property
+    def slots(self) -> int:
+        return max(1, self.num_workers)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self._fresh_epoch()
 
-    def __iter__(self) -> Iterator[Any]:
+    def _where(self) -> tuple[int, int]:
         p = self.pipeline
         if p.rank is None or p.world_size is None:
             p.rank, p.world_size = distributed_rank_world()
+        return p.rank, p.world_size
+
+    def __iter__(self) -> Iterator[Any]:
+        rank, world = self._where()
+        p = self.pipeline
         p.set_epoch(self.epoch)
+        p.snapshots = True
+        p.resume = self._resume or {}
+        self._resume = None
         dl = torch.utils.data.DataLoader(p, batch_size=None, num_workers=self.num_workers, **self.kwargs)
-        yield from dl
+        queues: dict[int, deque] = {w: deque() for w in range(self.slots)}
+        try:
+            for x in dl:
+                queues[x.pop("__worker__")].append(x)
+                yield from self._in_order(queues)
+            yield from self._in_order(queues)
+        finally:
+            p.resume = {}
+        if len(self.done) < self.slots:
+            raise RuntimeError(f"workers {sorted(set(range(self.slots)) - self.done)} ended without their end marker")
         self.epoch += 1
+        self._fresh_epoch()
+
+    def _in_order(self, queues: dict[int, deque]) -> Iterator[Any]:
+        """Emit in the workers' round-robin order from `next_worker`, whatever order batches arrive in."""
+        while len(self.done) < self.slots:
+            w = self.next_worker
+            if w in self.done:
+                self.next_worker = (w + 1) % self.slots
+                continue
+            if not queues[w]:
+                return
+            x = queues[w].popleft()
+            self.states[w] = x.pop("__state__")
+            self.next_worker = (w + 1) % self.slots
+            if x.get("__worker_done__"):
+                self.done.add(w)
+                continue
+            self.delivered += 1
+            yield x
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides what comes next: JSON-serialisable; keep it beside the model checkpoint."""
+        rank, world = self._where()
+        return {
+            "version": LOADER_STATE_VERSION,
+            "epoch": self.epoch,
+            "rank": rank,
+            "world_size": world,
+            "num_workers": self.num_workers,
+            "next_worker": self.next_worker,
+            "done": sorted(self.done),
+            "delivered": self.delivered,
+            "workers": {str(w): s for w, s in sorted(self.states.items())},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
+        """Resume from this rank's state, or from the states of every rank of the run that saved them
+        (a list: needed when the world size changed, since samples move between ranks)."""
+        states = [state] if isinstance(state, Mapping) else list(state)
+        for s in states:
+            if s.get("version") != LOADER_STATE_VERSION:
+                raise ValueError(f"loader state version {s.get('version')!r}; this vlmstream reads {LOADER_STATE_VERSION}")
+        rank, world = self._where()
+        first = states[0]
+        self.epoch = first["epoch"]
+        self._fresh_epoch()
+        same = first["world_size"] == world and first["num_workers"] == self.num_workers
+        if same:
+            mine = [s for s in states if s["rank"] == rank]
+            if not mine:
+                raise ValueError(f"no state for rank {rank} among ranks {[s['rank'] for s in states]}")
+            s = mine[0]
+            self.states = {int(w): v for w, v in s["workers"].items()}
+            self.done, self.next_worker, self.delivered = set(s["done"]), s["next_worker"], s["delivered"]
+            self._resume = {"states": dict(self.states)}
+            return
+        if len(states) != first["world_size"]:
+            raise ValueError(f"resuming on another topology needs the states of all {first['world_size']} ranks "
+                             f"of the saved run, got {len(states)}")
+        # What is left of the epoch; the split stages share it out over this run's ranks and workers.
+        self._resume = {"plan": remaining_items(self.pipeline, states)}
+
+
+def remaining_items(pipe: Pipeline, states: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The shard items of the saved epoch not yet delivered: unfinished shards from where they stopped, and
+    the samples that sat in buffers, as reference items. Padding and quotas of the old split are dropped."""
+    from .refs import decode_refs
+
+    reader = pipe._reader_index()
+    out: list[dict[str, Any]] = []
+    refs: dict[str, list[tuple[int, int]]] = {}
+    for st in states:
+        workers = st["num_workers"] or 1
+        for w in range(max(1, workers)):
+            slot = st["workers"].get(str(w))
+            ctx = Context(st["rank"], st["world_size"], w, max(1, workers), pipe.seed, st["epoch"])
+            items = _slot_items(pipe, ctx, reader)
+            cursor = slot["stages"][reader] if slot is not None else None
+            done_items = cursor["item"] if cursor else 0
+            for k, item in enumerate(items):
+                if k < done_items or item.get("padding"):
+                    continue
+                item = {key: v for key, v in item.items() if key not in ("quota", "slot_total", "node_split", "worker_split")}
+                if k == done_items and cursor and cursor["index"] is not None:
+                    item["skip_through"] = cursor["index"]
+                    item["samples"] = None
+                    if "refs" not in item and not item["url"].endswith((".gz", ".tgz")):
+                        item.update(start_offset=cursor["offset"], start_index=cursor["index"])
+                out.append({**item, "resumed": True})
+            if slot is not None:
+                for k, st_k in enumerate(slot["stages"]):
+                    if isinstance(st_k, dict) and "refs" in st_k:
+                        for _, url, offset, index in decode_refs(st_k):
+                            refs.setdefault(url, []).append((offset, index))
+    for url, places in sorted(refs.items()):
+        places.sort()
+        out.append({"url": url, "refs": [i for _, i in places], "start_offset": places[0][0],
+                    "start_index": places[0][1], "samples": len(places), "resumed": True})
+    return out
+
+
+def _slot_items(pipe: Pipeline, ctx: Context, reader: int) -> list[dict[str, Any]]:
+    """The shard items a slot of the saved run held: its list stages run again (no I/O: lists are resolved)."""
+    opener = pipe._opener_index()
+    stop = opener if opener >= 0 else reader
+    it: Iterator[Any] = iter(())
+    for stage in pipe.stages[:stop]:
+        stage = copy.copy(stage)
+        if hasattr(stage, "bind"):
+            stage.bind(ctx)
+        it = stage(it)
+    return list(it)
+
+
+__all__ = ["Loader", "remaining_items"]

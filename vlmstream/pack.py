@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .refs import encode_refs
 from .tokenize import IGNORE
 
 
@@ -87,15 +88,22 @@ class PackStats:
 
 class pack:
     """The stage. ``buffer``: samples considered together (more: fuller sequences, more memory).
-    ``sep_id``: the separator token (default: the tokenizer's pad id carried by each sample)."""
+    ``sep_id``: the separator token (default: the tokenizer's pad id carried by each sample).
+
+    Its state is the samples waiting to be packed and the bins planned but not yet emitted, as references.
+    """
 
     def __init__(self, seq_len: int, max_images: int | None = None, *, buffer: int = 256, sep_id: int | None = None,
                  min_fill: float = 0.9):
         self.seq_len, self.max_images, self.buffer, self.sep_id, self.min_fill = seq_len, max_images, buffer, sep_id, min_fill
-        self.carry: list[dict[str, Any]] = []
+        self.pending: list[dict[str, Any]] = []  # waiting for a plan (the carried-over bin among them)
+        self.ready: list[list[dict[str, Any]]] = []  # planned bins, emitted in order
+        self._resume: tuple[list, list] | None = None
         self.stats = PackStats(seq_len=seq_len)
 
-    def _emit(self, items: list[dict[str, Any]], final: bool) -> Iterator[dict[str, Any]]:
+    def _plan(self, final: bool) -> None:
+        """Move the pending samples into planned bins, keeping the least-filled bin back unless final."""
+        items = self.pending
         lengths = [len(s["input_ids"]) for s in items]
         bins = pack_bins(lengths, [len(s["images"]) for s in items], self.seq_len, self.max_images)
         bins.sort(key=lambda b: b[0])  # emit in arrival order of each bin's first sample
@@ -105,9 +113,12 @@ class pack:
             worst = min(range(len(bins)), key=lambda b: (fill[b], -b))
             if fill[worst] < self.min_fill * self.seq_len:
                 carry = [items[i] for i in bins.pop(worst)]
-        self.carry = carry
-        for b in bins:
-            group = [items[i] for i in b]
+        self.ready.extend([items[i] for i in b] for b in bins)
+        self.pending = carry
+
+    def _drain(self) -> Iterator[dict[str, Any]]:
+        while self.ready:
+            group = self.ready.pop(0)
             out = concat(group, self.sep_id if self.sep_id is not None else group[0]["__pad_id__"])
             self.stats.samples += len(group)
             self.stats.sequences += 1
@@ -116,12 +127,31 @@ class pack:
 
     def __call__(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         self.stats = PackStats(seq_len=self.seq_len)
-        pending = list(self.carry)
+        self.pending, self.ready = self._resume or ([], [])
+        self._resume = None
+        return self._run(it)
+
+    def _run(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        yield from self._drain()
         for s in it:
-            pending.append(s)
-            if len(pending) >= self.buffer:
-                yield from self._emit(pending, final=False)
-                pending = list(self.carry)
-        if pending:
-            yield from self._emit(pending, final=True)
-        self.carry = []
+            self.pending.append(s)
+            if len(self.pending) >= self.buffer:
+                self._plan(final=False)
+                yield from self._drain()
+        if self.pending:
+            self._plan(final=True)
+            yield from self._drain()
+
+    def state_dict(self) -> dict[str, Any]:
+        flat = [*self.pending, *(s for b in self.ready for s in b)]
+        return {"pending": len(self.pending), "bins": [len(b) for b in self.ready], **encode_refs(flat)}
+
+    def load_state_dict(self, state: dict[str, Any], samples: list[Any] | None = None) -> None:
+        """`samples`: the samples fetched again from ``state``'s references (pending first, then the bins)."""
+        samples = list(samples or [])
+        n = state["pending"]
+        pending, rest, ready = samples[:n], samples[n:], []
+        for size in state["bins"]:
+            ready.append(rest[:size])
+            rest = rest[size:]
+        self._resume = (pending, ready)

@@ -79,18 +79,40 @@ class Pipeline(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return Context(rank, world, worker, workers, self.seed, self.epoch)
 
-    def iterate(self, ctx: Context) -> Iterator[Any]:
-        """Run the chain for one explicit slot: what each DataLoader worker does, callable in tests."""
+    def iterate(self, ctx: Context, state: Mapping[str, Any] | None = None, *, snapshots: bool = False,
+                plan: list[dict[str, Any]] | None = None) -> Iterator[Any]:
+        """Run the chain for one explicit slot: what each DataLoader worker does, callable in tests.
+
+        ``state``: a snapshot of this slot (from ``snapshots=True``) to continue from exactly.
+        ``snapshots``: attach the slot's state to every output (``"__state__"``) and end with a
+        ``{"__worker_done__": True}`` marker, for `vs.Loader`'s checkpoints.
+        ``plan``: shard items to read instead of the source's epoch order (resuming on another topology).
+        """
+        if state is not None:
+            self._load_slot(state)
         it: Iterator[Any] = iter(())
-        for stage in self.stages:
+        opener = self._opener_index()
+        for k, stage in enumerate(self.stages):
             bind = getattr(stage, "bind", None)
             if bind is not None:
                 bind(ctx)
+            if k == 0 and plan is not None:
+                it = iter([dict(item) for item in plan])
+                continue
+            if k == opener and state is not None:
+                from .split import SlotCursor, resume_items
+
+                it = resume_items(it, SlotCursor(**state["stages"][self._reader_index()]))
             it = stage(it)
+        if snapshots:
+            it = self._with_snapshots(it, ctx)
         return it
 
     def __iter__(self) -> Iterator[Any]:
-        return self.iterate(self.context())
+        ctx = self.context()
+        resume = getattr(self, "resume", None) or {}  # set by vs.Loader, travels into the workers
+        return self.iterate(ctx, resume.get("states", {}).get(ctx.worker), snapshots=getattr(self, "snapshots", False),
+                            plan=resume.get("plan"))
 
     def with_stages(self, *stages: Stage) -> "Pipeline":
         """A pipeline with more stages appended (the same settings)."""
@@ -98,14 +120,90 @@ class Pipeline(torch.utils.data.IterableDataset):
         p.epoch = self.epoch
         return p
 
-    def state_dict(self) -> dict[str, Any]:
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _reader_index(self) -> int:
+        """The stage where shards become samples (tar_samples): it holds the slot's cursor."""
+        from .tar import TarSamples
+
+        for k, s in enumerate(self.stages):
+            if isinstance(s, TarSamples):
+                return k
+        raise ValueError("a resumable pipeline reads shards with vs.tar_samples()")
+
+    def _opener_index(self) -> int:
+        """Where the cursor's item skipping goes: before fetch (no request for finished shards)."""
+        from .fetch import fetch
+
+        for k, s in enumerate(self.stages):
+            if isinstance(s, fetch):
+                return k
+        return self._reader_index() if any(hasattr(s, "cursor") for s in self.stages) else -1
+
+    def slot_state(self, ctx: Context) -> dict[str, Any]:
+        """This slot's state now: every stage's (cursor, buffers as references, random generators)."""
         return {
-            "epoch": self.epoch,
+            "version": STATE_VERSION,
+            "epoch": ctx.epoch,
+            "slot": [ctx.rank, ctx.world_size, ctx.worker, ctx.num_workers],
             "stages": [s.state_dict() if hasattr(s, "state_dict") else None for s in self.stages],
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.epoch = state["epoch"]
-        for s, st in zip(self.stages, state["stages"]):
-            if st is not None:
-                s.load_state_dict(st)
+    def _with_snapshots(self, it: Iterator[Any], ctx: Context) -> Iterator[Any]:
+        for x in it:
+            if not isinstance(x, dict):
+                raise TypeError(f"a checkpointed pipeline yields dicts (batches), got {type(x).__name__}")
+            yield {**x, "__state__": self.slot_state(ctx), "__worker__": ctx.worker}
+        yield {"__worker_done__": True, "__state__": self.slot_state(ctx), "__worker__": ctx.worker}
+
+    def _load_slot(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"checkpoint state version {state.get('version')!r}; this vlmstream reads {STATE_VERSION}")
+        for k, (stage, st) in enumerate(zip(self.stages, state["stages"])):
+            if st is None:
+                continue
+            if "refs" in st:  # buffered samples: fetch them again and rebuild them up to this stage
+                stage.load_state_dict(st, self.rematerialize(st, k))
+            else:
+                stage.load_state_dict(st)
+
+    def rematerialize(self, refs_state: Mapping[str, Any], upto: int) -> list[Any]:
+        """Samples fetched again by reference (one read per shard, from the first referenced byte), then
+        passed through the one-in-one-out stages (decode, tokenize) between the reader and stage `upto`."""
+        from .refs import decode_refs
+
+        refs = decode_refs(refs_state)
+        reader = self._reader_index()
+        fetcher = self.stages[self._opener_index()] if self._opener_index() != reader else None
+        by_url: dict[str, list[tuple[int, int]]] = {}
+        for _, url, offset, index in refs:
+            by_url.setdefault(url, []).append((offset, index))
+        found: dict[tuple[str, int], Any] = {}
+        for url, places in by_url.items():
+            places.sort()
+            item = {"url": url, "refs": [i for _, i in places], "start_offset": places[0][0], "start_index": places[0][1]}
+            if fetcher is not None:
+                from .fetch import FetchStats, HTTPClient
+
+                stream = fetcher.open(item, HTTPClient(fetcher.opts, FetchStats()))
+            else:
+                from .fetch import open_url
+
+                stream = open_url(url, start=places[0][0])
+            for sample in self.stages[reader].read({**item, "stream": stream}):
+                found[(url, sample["__index__"])] = sample
+        out = []
+        for source, url, _, index in refs:
+            sample = found[(url, index)]
+            for stage in self.stages[reader + 1:upto]:
+                if hasattr(stage, "map_sample"):
+                    sample = stage.map_sample(sample)
+                elif not hasattr(stage, "state_dict"):
+                    raise ValueError(f"cannot rebuild buffered samples through stage {stage!r}: give it a "
+                                     "map_sample(sample) method, or place it after the buffering stages")
+            if source is not None:
+                sample["__source__"] = source
+            out.append(sample)
+        return out
+
+
+STATE_VERSION = 1

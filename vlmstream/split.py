@@ -108,6 +108,8 @@ def _compose(item: dict[str, Any], part: SampleSlice) -> dict[str, Any]:
 
 
 def _split(items: list[dict[str, Any]], part: int, parts: int, samples: bool, what: str) -> list[dict[str, Any]]:
+    if items and items[0].get("resumed"):  # the rest of an epoch resumed on another topology: may run short
+        return strided(items, part, parts)
     if len(items) >= parts or not samples:
         if len(items) < parts:
             raise ValueError(
@@ -181,7 +183,7 @@ class split_by_node:
             return
         rank, world = self.where()
         mine = _split(items, rank, world, self.samples, "ranks")
-        if self.equalize is not None:
+        if self.equalize is not None and not (items and items[0].get("resumed")):
             totals = [sum(_known_samples(_split(items, r, world, self.samples, "ranks"))) for r in range(world)]
             quota = equal_quota(totals, self.equalize)
             total = sum(_known_samples(mine))

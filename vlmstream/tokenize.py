@@ -250,6 +250,8 @@ class tokenize:
         )
         return out
 
+    map_sample = encode_sample  # how a resumed pipeline rebuilds buffered samples (never None for those)
+
     def __call__(self, it: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
         self.stats = TokenizeStats()
         for sample in it:
