@@ -23,6 +23,7 @@ _EXPORTS = {
     "Conversation": "format", "FormatError": "format", "ShardInfo": "format", "conversation_from_sample": "format",
     "Loader": "loader",
     "from_config": "config",
+    "Stream": "mix", "mix": "mix",
     "pack": "pack",
     "Context": "pipeline", "Pipeline": "pipeline",
     "shards": "shardlist",
