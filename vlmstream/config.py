@@ -12,6 +12,10 @@
     loader: {num_workers: 4}
 
 ``{name}`` in any string is filled from the keyword arguments of `from_config` (paths, hosts).
+
+Several sources, LLM-Foundry style: top-level ``streams:`` (each ``{name, shards or remote, cache, proportion |
+repeat | choose}``) and ``mix: {epoch_size, stop, seed}`` make a `vs.mix` the first stage; ``pipeline:`` then
+holds the stages after the samples (shuffle, decode, ...). See configs/mixture.yaml and docs/MIXING.md.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import yaml
 TRANSFORMS = ("ImageTiles", "Resize")
 STAGES = ("shards", "split_by_node", "split_by_worker", "fetch", "tar_samples", "shuffle", "decode", "tokenize",
           "pack", "batch", "take")
+# Keys of a `streams:` entry, and the stages each stream runs up to samples.
+STREAM_KEYS = ("name", "shards", "remote", "cache", "proportion", "repeat", "choose")
+SOURCE_STAGES = ("shards", "split_by_node", "split_by_worker", "fetch", "tar_samples")
 
 
 def _fill(value: Any, variables: Mapping[str, Any]) -> Any:
@@ -84,16 +91,53 @@ def build_stage(entry: Mapping[str, Any], tok: Any) -> Any:
     return getattr(vs, name)(**args)
 
 
+def build_mix(streams: Any, mix: Mapping[str, Any] | None):
+    """`vs.mix` of `vs.Stream(name, shards, split_by_node, split_by_worker, fetch(cache), tar_samples)`s."""
+    import vlmstream as vs
+
+    if not isinstance(streams, list) or not streams:
+        raise ValueError("'streams:' is a list of {name, shards (or remote), cache, proportion | repeat | choose}")
+    out = []
+    for entry in streams:
+        if not isinstance(entry, Mapping) or "name" not in entry:
+            raise ValueError(f"each stream needs a 'name', got {entry!r}")
+        unknown = set(entry) - set(STREAM_KEYS)
+        if unknown:
+            raise ValueError(f"stream {entry['name']!r}: unknown keys {sorted(unknown)}; known: "
+                             f"{', '.join(STREAM_KEYS)}")
+        if ("shards" in entry) == ("remote" in entry):
+            raise ValueError(f"stream {entry['name']!r}: give one of 'shards' or 'remote' (the shard spec)")
+        fetch = vs.fetch(cache=entry["cache"]) if entry.get("cache") else vs.fetch()
+        weights = {k: entry[k] for k in ("proportion", "repeat", "choose") if k in entry}
+        out.append(vs.Stream(entry["name"], vs.shards(entry.get("shards", entry.get("remote"))), vs.split_by_node(),
+                             vs.split_by_worker(), fetch, vs.tar_samples(), **weights))
+    mix = dict(mix or {})
+    unknown = set(mix) - {"epoch_size", "stop", "seed"}
+    if unknown:
+        raise ValueError(f"mix: unknown keys {sorted(unknown)}; known: epoch_size, stop, seed")
+    return vs.mix(out, **mix)
+
+
 def from_config(source: str | Mapping[str, Any], **variables: Any):
     """A `vs.Loader` when the config has a ``loader:`` entry, else a `vs.Pipeline`."""
     import vlmstream as vs
 
     cfg = load(source, **variables)
-    unknown = set(cfg) - {"seed", "tokenizer", "pipeline", "loader"}
+    unknown = set(cfg) - {"seed", "tokenizer", "pipeline", "loader", "streams", "mix"}
     if unknown:
         raise ValueError(f"unknown top-level config keys {sorted(unknown)}")
     tok = build_tokenizer(cfg["tokenizer"]) if "tokenizer" in cfg else None
-    stages = [build_stage(e, tok) for e in cfg.get("pipeline") or []]
+    entries = cfg.get("pipeline") or []
+    stages = []
+    if "streams" in cfg:
+        sources = [n for e in entries if isinstance(e, Mapping) for n in e if n in SOURCE_STAGES]
+        if sources:
+            raise ValueError(f"with 'streams:', each stream reads its own shards: the pipeline continues from the "
+                             f"samples, remove {sources} from it")
+        stages.append(build_mix(cfg["streams"], cfg.get("mix")))
+    elif "mix" in cfg:
+        raise ValueError("'mix:' needs a top-level 'streams:' list")
+    stages += [build_stage(e, tok) for e in entries]
     pipe = vs.Pipeline(*stages, seed=cfg.get("seed", 0))
     if "loader" in cfg:
         return vs.Loader(pipe, **(cfg["loader"] or {}))
