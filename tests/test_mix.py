@@ -223,11 +223,15 @@ def test_bad_arguments_give_clear_errors(data):
         vs.mix([])
 
 
+def drawn(samples):
+    return [(s["__source__"], s["__key__"]) for s in samples]
+
+
 @pytest.mark.parametrize("mode", ["exact", "endless"])
-def test_state_round_trips_and_the_draw_sequence_continues(data, mode):
-    """The streams' reader positions are not in the state yet: a restored mix restarts each stream's current
-    pass from its beginning. The draw sequence (which stream comes next) depends only on the random generator
-    and the counts, so it continues exactly; with exact targets the epoch still ends on the targets."""
+def test_state_round_trips_and_continues_exactly(data, mode):
+    """Stopped after any sample, a mix restored from its JSON state (in fresh objects, as in a new process)
+    continues with exactly the samples an uninterrupted run gives: the draw order, and each stream's reader
+    from its cursor, across pass ends and restarts."""
     def make():
         if mode == "exact":
             return vs.mix([stream(n, data[n], choose=k) for n, k in (("a", 300), ("b", 160), ("c", 100))])
@@ -235,26 +239,39 @@ def test_state_round_trips_and_the_draw_sequence_continues(data, mode):
 
     ctx = Context(1, 2, 1, 2, seed=4, epoch=2)
     it = vs.Pipeline(make()).iterate(ctx)
-    reference = sources(it) if mode == "exact" else sources(next(it) for _ in range(300))  # this slot's epoch
+    reference = drawn(it) if mode == "exact" else drawn(next(it) for _ in range(200))  # this slot's epoch
     n = len(reference)
+    for k in range(n + 1) if mode == "exact" else range(0, n, 7):  # every stop point of the exact epoch
+        m = make()
+        it = vs.Pipeline(m).iterate(ctx)
+        head = drawn(next(it) for _ in range(k))
+        state = json.loads(json.dumps(m.state_dict()))  # JSON-ready
+        assert state["epoch"] == 2 and state["slot"] == [1, 1] and sum(state["drawn"].values()) == k
+        restored = make()
+        restored.load_state_dict(state)
+        assert restored.rng.getstate() == m.rng.getstate() and restored.drawn == m.drawn
+        assert restored.passes == m.passes and restored.slot_targets == m.slot_targets
+        it = vs.Pipeline(restored).iterate(ctx)
+        assert head + drawn(next(it) for _ in range(n - k)) == reference, k
+        if mode == "exact":
+            assert next(it, None) is None and restored.drawn == restored.slot_targets
+    assert set(state["streams"]) == {"a", "b", "c"} and state["streams"]["a"]["stages"][4]["offset"] is not None
 
-    m = make()
-    it = vs.Pipeline(m).iterate(ctx)
-    head = sources(next(it) for _ in range(61))
-    state = json.loads(json.dumps(m.state_dict()))  # JSON-ready
-    assert state["epoch"] == 2 and state["slot"] == [1, 1] and sum(state["drawn"].values()) == 61
-    assert set(state["streams"]) == {"a", "b", "c"}  # the place for each stream's reader position
 
-    restored = make()  # as in a new process: fresh streams
-    restored.load_state_dict(state)
-    assert restored.rng.getstate() == m.rng.getstate() and restored.drawn == m.drawn
-    assert restored.passes == m.passes and restored.slot_targets == m.slot_targets
-    it = vs.Pipeline(restored).iterate(ctx)
-    tail = sources(next(it) for _ in range(n - 61))
-    assert head + tail == reference
-    if mode == "exact":
-        assert next(it, None) is None and restored.drawn == restored.slot_targets
-        assert sum(restored.slot_targets.values()) == n
+def test_loader_checkpoint_of_a_mix_resumes_exactly_through_workers(data):
+    def make():
+        streams = [stream(n, data[n], choose=k) for n, k in (("a", 60), ("b", 30), ("c", 20))]
+        return vs.Pipeline(vs.mix(streams), vs.batch(4), seed=1, rank=0, world_size=1)
+
+    reference = [b["__key__"] for b in vs.Loader(make(), num_workers=2)]
+    loader = vs.Loader(make(), num_workers=2)
+    it = iter(loader)
+    head = [next(it)["__key__"] for _ in range(9)]
+    state = json.loads(json.dumps(loader.state_dict()))
+    del it
+    resumed = vs.Loader(make(), num_workers=2)
+    resumed.load_state_dict(state)
+    assert head + [b["__key__"] for b in resumed] == reference
 
 
 def test_yaml_streams_build_and_run(data):

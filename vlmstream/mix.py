@@ -18,8 +18,8 @@ next pass (a new shard order); streams with more stop at their target. Streams w
 once. docs/MIXING.md has the details.
 
 All state lives in attributes (the random generator, per-stream counts and passes, the epoch's targets), and
-`state_dict()` reports it as JSON-ready data. Each stream's reader position is not part of it yet: a restored
-mix continues its draw sequence exactly, and restarts each stream's current pass from its beginning.
+`state_dict()` reports it as JSON-ready data, with each open stream's own slot state (its reader's cursor):
+a restored mix continues its draw sequence and every stream's reading exactly where they were.
 """
 
 from __future__ import annotations
@@ -184,6 +184,7 @@ class mix:
         self._taken: dict[str, int] = {}  # samples taken from each live reader (to name an empty pass)
         self._run: object | None = None
         self._resume: tuple[int, int, int] | None = None
+        self._restored: dict[str, Any] = {}  # restored streams' slot states, until each is reopened
 
     # ------------------------------------------------------------------------------------------ planning
 
@@ -256,6 +257,7 @@ class mix:
         c = self.ctx
         if self._resume != (c.epoch, c.rank, c.worker):
             self._start_epoch(c)
+            self._restored = {}
         self._resume = None
         self._close()
         self.stats[c.epoch] = {"drawn": self.drawn, "passes": self.passes}
@@ -297,13 +299,21 @@ class mix:
             u -= x
         return next(n for n, x in zip(reversed(names), reversed(w)) if x > 0)  # rounding at the top end
 
+    def _stream_ctx(self, name: str) -> Context:
+        return dataclasses.replace(self.ctx, epoch=stream_epoch(self.epoch, self.passes[name] - 1))
+
     def _open(self, name: str, new_pass: bool) -> Iterator[Any]:
-        """A reader of stream `name`: its next pass, or (after a restore) its current pass from the beginning."""
+        """A reader of stream `name`: its next pass, or (after a restore) its current pass where it was."""
         if new_pass or not self.passes[name]:
             self.passes[name] += 1
-        ctx = dataclasses.replace(self.ctx, epoch=stream_epoch(self.epoch, self.passes[name] - 1))
-        self._iters[name] = iter(self.streams[name].pipeline.iterate(ctx))
-        self._taken[name] = 0
+        restored = self._restored.pop(name, None)
+        pipe = self.streams[name].pipeline
+        if restored is not None and not new_pass:
+            self._iters[name] = iter(pipe.iterate(self._stream_ctx(name), restored))
+        else:
+            self._iters[name] = iter(pipe.iterate(self._stream_ctx(name)))
+            restored = None
+        self._taken[name] = 0 if restored is None else 1  # a restored pass had samples before the checkpoint
         return self._iters[name]
 
     def _next(self, name: str) -> Any:
@@ -368,9 +378,19 @@ class mix:
         state["_iters"], state["_taken"], state["_run"] = {}, {}, None  # live readers stay where they were opened
         return state
 
+    def _stream_state(self, name: str) -> dict[str, Any] | None:
+        """The slot state of stream `name`'s current pass (its reader's cursor), None where it has no open
+        reader (not drawn from yet, or read to its end)."""
+        if name in self._restored:  # restored, not reopened yet
+            return self._restored[name]
+        pipe = self.streams[name].pipeline
+        if name not in self._iters or not hasattr(pipe, "slot_state"):
+            return None
+        return pipe.slot_state(self._stream_ctx(name))
+
     def state_dict(self) -> dict[str, Any]:
-        """This slot's position in the epoch, JSON-ready. ``streams`` holds each stream pipeline's own state
-        (reader cursors, once the stages report them)."""
+        """This slot's position in the epoch, JSON-ready. ``streams`` holds, per stream, its pipeline's slot
+        state for the current pass (the reader's cursor), or None."""
         version, internal, gauss = self.rng.getstate()
         return {
             EPOCH: self.epoch,
@@ -380,8 +400,7 @@ class mix:
             DRAWN: dict(self.drawn),
             PASSES: dict(self.passes),
             EXHAUSTED: sorted(self.exhausted),
-            STREAMS: {n: s.pipeline.state_dict() if hasattr(s.pipeline, "state_dict") else None
-                      for n, s in self.streams.items()},
+            STREAMS: {n: self._stream_state(n) for n in self.names},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -397,9 +416,7 @@ class mix:
         self.drawn = {n: int(state[DRAWN][n]) for n in self.names}
         self.passes = {n: int(state[PASSES][n]) for n in self.names}
         self.exhausted = set(state[EXHAUSTED])
-        for name, st in (state.get(STREAMS) or {}).items():
-            if st is not None and hasattr(self.streams[name].pipeline, "load_state_dict"):
-                self.streams[name].pipeline.load_state_dict(st)
+        self._restored = {n: st for n, st in (state.get(STREAMS) or {}).items() if st is not None}
         rank, worker = state[SLOT]
         self._resume = (self.epoch, int(rank), int(worker))
         self._close()
