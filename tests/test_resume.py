@@ -97,3 +97,32 @@ def test_another_topology_delivers_every_remaining_sample_exactly_once(vqa, new_
     everything = Counter(delivered) + Counter(after)
     assert set(delivered).isdisjoint(after)
     assert everything == Counter(f"{i:06d}" for i in range(48))
+
+
+def test_resume_with_mixing_shuffle_tiles_tokenize_and_pack(tmp_path):
+    """The issue's case: workers, shuffle, mixing and packing all on; every stop point resumes exactly."""
+    a = write_easyvqa_shards(str(tmp_path / "a"), n_images=24, maxcount=6)
+    b = write_easyvqa_shards(str(tmp_path / "b"), n_images=16, maxcount=4)
+    tok = chat_tokenizer(image_token_length=16)
+
+    def make():
+        def stream(name, index, **w):
+            return vs.Stream(name, vs.shards(index), vs.split_by_node(), vs.split_by_worker(), vs.fetch(),
+                             vs.tar_samples(), **w)
+        pipe = vs.Pipeline(
+            vs.mix([stream("a", a, proportion=0.6), stream("b", b, proportion=0.4)], epoch_size=40),
+            vs.shuffle(6, initial=3), vs.decode(vs.ImageTiles(32, 64, output="uint8")), vs.tokenize(tok, max_len=1024),
+            vs.pack(1024, max_images=2, buffer=4), vs.batch(2), rank=0, world_size=1, seed=3)
+        return vs.Loader(pipe, num_workers=2)
+
+    full = [as_bytes(x) for x in make()]
+    assert len(full) >= 6
+    for stop in (1, len(full) // 2, len(full) - 1):
+        loader = make()
+        it = iter(loader)
+        assert [as_bytes(next(it)) for _ in range(stop)] == full[:stop]
+        state = json.loads(json.dumps(loader.state_dict()))
+        it.close()
+        fresh = make()
+        fresh.load_state_dict(state)
+        assert [as_bytes(x) for x in fresh] == full[stop:], stop

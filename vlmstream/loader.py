@@ -134,6 +134,9 @@ class Loader:
             self.done, self.next_worker, self.delivered = set(s["done"]), s["next_worker"], s["delivered"]
             self._resume = {"states": dict(self.states)}
             return
+        if any(hasattr(stage, "streams") for stage in self.pipeline.stages):
+            raise ValueError("a mixed pipeline (vs.mix) resumes on the same topology only: keep the world size "
+                             f"({first['world_size']}) and workers ({first['num_workers']}) for the rest of this epoch")
         if len(states) != first["world_size"]:
             raise ValueError(f"resuming on another topology needs the states of all {first['world_size']} ranks "
                              f"of the saved run, got {len(states)}")

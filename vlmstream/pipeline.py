@@ -166,14 +166,18 @@ class Pipeline(torch.utils.data.IterableDataset):
             else:
                 stage.load_state_dict(st)
 
-    def rematerialize(self, refs_state: Mapping[str, Any], upto: int) -> list[Any]:
-        """Samples fetched again by reference (one read per shard, from the first referenced byte), then
-        passed through the one-in-one-out stages (decode, tokenize) between the reader and stage `upto`."""
-        from .refs import decode_refs
+    def _producer_index(self) -> int:
+        """The stage whose output are samples: tar_samples, or a source mixing streams (vs.mix)."""
+        for k, s in enumerate(self.stages):
+            if hasattr(s, "streams"):
+                return k
+        return self._reader_index()
 
-        refs = decode_refs(refs_state)
+    def read_refs(self, refs: list[tuple]) -> dict[tuple[str, int], Any]:
+        """Samples fetched again by reference, one read per shard from its first referenced byte."""
         reader = self._reader_index()
-        fetcher = self.stages[self._opener_index()] if self._opener_index() != reader else None
+        opener = self._opener_index()
+        fetcher = self.stages[opener] if opener != reader else None
         by_url: dict[str, list[tuple[int, int]]] = {}
         for _, url, offset, index in refs:
             by_url.setdefault(url, []).append((offset, index))
@@ -191,17 +195,32 @@ class Pipeline(torch.utils.data.IterableDataset):
                 stream = open_url(url, start=places[0][0])
             for sample in self.stages[reader].read({**item, "stream": stream}):
                 found[(url, sample["__index__"])] = sample
+        return found
+
+    def rematerialize(self, refs_state: Mapping[str, Any], upto: int) -> list[Any]:
+        """Buffered samples fetched again by reference (through their stream's reader, under vs.mix), then
+        passed through the one-in-one-out stages (decode, tokenize) between the producer and stage `upto`."""
+        from .refs import decode_refs
+
+        refs = decode_refs(refs_state)
+        producer = self._producer_index()
+        found: dict[tuple[Any, str, int], Any] = {}
+        for source in {r[0] for r in refs}:
+            part = [r for r in refs if r[0] == source]
+            pipe = self if source is None else self.stages[producer].streams[source].pipeline
+            for (url, index), sample in pipe.read_refs(part).items():
+                found[(source, url, index)] = sample
         out = []
         for source, url, _, index in refs:
-            sample = found[(url, index)]
-            for stage in self.stages[reader + 1:upto]:
+            sample = found[(source, url, index)]
+            if source is not None:
+                sample["__source__"] = source
+            for stage in self.stages[producer + 1:upto]:
                 if hasattr(stage, "map_sample"):
                     sample = stage.map_sample(sample)
                 elif not hasattr(stage, "state_dict"):
                     raise ValueError(f"cannot rebuild buffered samples through stage {stage!r}: give it a "
                                      "map_sample(sample) method, or place it after the buffering stages")
-            if source is not None:
-                sample["__source__"] = source
             out.append(sample)
         return out
 
