@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.utils.data
 
 
 def vlm_collate(samples: Sequence[dict[str, Any]], padding: str = "left", pad_to: int | None = None) -> dict[str, Any]:
@@ -40,14 +41,26 @@ def vlm_collate(samples: Sequence[dict[str, Any]], padding: str = "left", pad_to
     return out
 
 
+def _is_meta(key: Any) -> bool:
+    return isinstance(key, str) and key.startswith("__")
+
+
 def default_collate(samples: Sequence[Any]) -> Any:
-    """Stack tensors of equal shape and numbers; keep anything else as a list (per key for dicts)."""
+    """Stack tensors of equal shape and numbers; keep anything else as a list (per key for dicts).
+
+    Metadata keys (``__key__``, ``__url__``, ``__offset__``, ``__index__``: any starting with "__") stay plain
+    lists: they are for Python code, and every tensor in a batch costs a shared-memory handoff of its own on its
+    way out of a DataLoader worker. In a worker, tensors are stacked straight into shared memory (as torch's own
+    default_collate does), so the batch is not copied once more when it is sent.
+    """
     first = samples[0]
     if isinstance(first, dict):
-        return {k: default_collate([s[k] for s in samples]) for k in first}
+        return {k: [s[k] for s in samples] if _is_meta(k) else default_collate([s[k] for s in samples]) for k in first}
     if isinstance(first, tuple):
         return tuple(default_collate(list(col)) for col in zip(*samples))
     if isinstance(first, torch.Tensor) and all(isinstance(s, torch.Tensor) and s.shape == first.shape for s in samples):
+        if torch.utils.data.get_worker_info() is not None:
+            return torch.utils.data.default_collate(list(samples))  # stacks into a shared-memory tensor
         return torch.stack(list(samples))
     if isinstance(first, (int, float)) and not isinstance(first, bool) and all(type(s) is type(first) for s in samples):
         return torch.tensor(samples)
