@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections import deque
+from time import perf_counter
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch.utils.data
@@ -37,6 +38,8 @@ class Loader:
         self.kwargs.setdefault("persistent_workers", False)
         self._fresh_epoch()
         self._resume: dict[str, Any] | None = None
+        self._worker_stats: dict[int, Any] = {}  # worker -> its latest telemetry snapshot (this iteration)
+        self._times: dict[str, Any] = {}  # the training process's side of the telemetry
 
     def _fresh_epoch(self) -> None:
         self.states: dict[int, Any] = {}  # worker -> state after the last batch delivered from it
@@ -65,15 +68,22 @@ class Loader:
         p.snapshots = True
         p.resume = self._resume or {}
         self._resume = None
+        self._worker_stats, times = {}, _LoaderTimes(self.slots)
+        self._times = times.__dict__
         dl = torch.utils.data.DataLoader(p, batch_size=None, num_workers=self.num_workers, **self.kwargs)
         queues: dict[int, deque] = {w: deque() for w in range(self.slots)}
         try:
-            for x in dl:
-                queues[x.pop("__worker__")].append(x)
+            for x in times.timed(dl):
+                w = x.pop("__worker__")
+                stats = x.pop("__stats__", None)
+                if stats is not None:
+                    self._worker_stats[w] = stats
+                queues[w].append(x)
                 yield from self._in_order(queues)
             yield from self._in_order(queues)
         finally:
             p.resume = {}
+            times.stop()
         if len(self.done) < self.slots:
             raise RuntimeError(f"workers {sorted(set(range(self.slots)) - self.done)} ended without their end marker")
         self.epoch += 1
@@ -96,6 +106,19 @@ class Loader:
                 continue
             self.delivered += 1
             yield x
+
+    def stats(self, all_ranks: bool = False) -> Any:
+        """Per-stage telemetry of the current (or last) pass, merged over the DataLoader workers: a
+        `vlmstream.telemetry.Report` (``.summary()``: one line naming the bottleneck; ``.table()``).
+        ``all_ranks=True`` merges every rank's too (a collective under torch.distributed: call it on all ranks)."""
+        from .telemetry import Report, gather_ranks, merge
+
+        raw = merge(self._worker_stats[w] for w in sorted(self._worker_stats))
+        if raw is not None:
+            raw["loader"] = _LoaderTimes.public(self._times)
+        if all_ranks:
+            raw = gather_ranks(raw)
+        return Report.from_raw(raw)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -142,6 +165,46 @@ class Loader:
                              f"of the saved run, got {len(states)}")
         # What is left of the epoch; the split stages share it out over this run's ranks and workers.
         self._resume = {"plan": remaining_items(self.pipeline, states)}
+
+
+class _LoaderTimes:
+    """The training process's side: batches received, time waiting on the DataLoader, time to the first one."""
+
+    def __init__(self, workers: int):
+        self.t0 = perf_counter()
+        self.t_end: float | None = None
+        self.batches = 0
+        self.wait_s = 0.0
+        self.first_batch_s: float | None = None
+        self.workers = workers
+
+    def timed(self, it: Any) -> Iterator[Any]:
+        nxt = iter(it).__next__
+        while True:
+            t0 = perf_counter()
+            try:
+                x = nxt()
+            except StopIteration:
+                self.wait_s += perf_counter() - t0
+                return
+            t1 = perf_counter()
+            self.wait_s += t1 - t0
+            if not x.get("__worker_done__"):
+                self.batches += 1
+                if self.first_batch_s is None:
+                    self.first_batch_s = t1 - self.t0
+            yield x
+
+    def stop(self) -> None:
+        self.t_end = perf_counter()
+
+    @staticmethod
+    def public(d: Mapping[str, Any]) -> dict[str, Any] | None:
+        if not d:
+            return None
+        end = d["t_end"] if d["t_end"] is not None else perf_counter()
+        return {"ranks": 1, "batches": d["batches"], "wall_s": end - d["t0"], "wait_s": d["wait_s"],
+                "first_batch_s": d["first_batch_s"], "workers": d["workers"]}
 
 
 def remaining_items(pipe: Pipeline, states: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, Callable, Iterator, Mapping
 
 import torch.utils.data
@@ -56,7 +57,8 @@ class Pipeline(torch.utils.data.IterableDataset):
     Use it directly (`for s in pipe`), with torch's DataLoader, or through `vs.Loader`.
     """
 
-    def __init__(self, *stages: Stage, seed: int = 0, rank: int | None = None, world_size: int | None = None):
+    def __init__(self, *stages: Stage, seed: int = 0, rank: int | None = None, world_size: int | None = None,
+                 telemetry: bool = True):
         if not stages:
             raise ValueError("a Pipeline needs at least one stage")
         for i, s in enumerate(stages):
@@ -66,6 +68,8 @@ class Pipeline(torch.utils.data.IterableDataset):
         self.seed = seed
         self.epoch = 0
         self.rank, self.world_size = rank, world_size
+        self.telemetry = telemetry  # per-stage counters and timers (vlmstream/telemetry.py); False: none
+        self._telemetry: Any = None  # the counters of the last iteration in this process
 
     def set_epoch(self, epoch: int) -> None:
         """Call before each epoch (DataLoader workers get a fresh copy of the pipeline each epoch)."""
@@ -92,20 +96,23 @@ class Pipeline(torch.utils.data.IterableDataset):
             self._load_slot(state)
         it: Iterator[Any] = iter(())
         opener = self._opener_index()
+        tel = self._telemetry = self._new_telemetry()
         for k, stage in enumerate(self.stages):
             bind = getattr(stage, "bind", None)
             if bind is not None:
                 bind(ctx)
             if k == 0 and plan is not None:
                 it = iter([dict(item) for item in plan])
-                continue
-            if k == opener and state is not None:
-                from .split import SlotCursor, resume_items
+            else:
+                if k == opener and state is not None:
+                    from .split import SlotCursor, resume_items
 
-                it = resume_items(it, SlotCursor(**state["stages"][self._reader_index()]))
-            it = stage(it)
+                    it = resume_items(it, SlotCursor(**state["stages"][self._reader_index()]))
+                it = stage(it)
+            if tel is not None:
+                it = tel.wrap(k, it, count_bytes=self._makes_samples(stage))
         if snapshots:
-            it = self._with_snapshots(it, ctx)
+            it = self._with_snapshots(it, ctx, tel)
         return it
 
     def __iter__(self) -> Iterator[Any]:
@@ -116,9 +123,33 @@ class Pipeline(torch.utils.data.IterableDataset):
 
     def with_stages(self, *stages: Stage) -> "Pipeline":
         """A pipeline with more stages appended (the same settings)."""
-        p = Pipeline(*self.stages, *stages, seed=self.seed, rank=self.rank, world_size=self.world_size)
+        p = Pipeline(*self.stages, *stages, seed=self.seed, rank=self.rank, world_size=self.world_size,
+                     telemetry=self.telemetry)
         p.epoch = self.epoch
         return p
+
+    # ------------------------------------------------------------------------------------------- telemetry
+    def _new_telemetry(self) -> Any:
+        if not getattr(self, "telemetry", True):
+            return None
+        from .telemetry import Telemetry, unique_names
+
+        return Telemetry(unique_names(self.stages))
+
+    @staticmethod
+    def _makes_samples(stage: Any) -> bool:
+        """Where shards become samples (tar_samples, vs.mix): the stage whose output bytes are counted."""
+        from .tar import TarSamples
+
+        return isinstance(stage, TarSamples) or hasattr(stage, "streams")
+
+    def stats(self) -> Any:
+        """Per-stage telemetry of the last iteration run in this process (`vs.Loader.stats()` merges its
+        DataLoader workers'): a `vlmstream.telemetry.Report`; ``.summary()`` names the bottleneck."""
+        from .telemetry import Report
+
+        tel = self._telemetry
+        return Report.from_raw(tel.snapshot(self.stages) if tel is not None else None)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _reader_index(self) -> int:
@@ -148,12 +179,21 @@ class Pipeline(torch.utils.data.IterableDataset):
             "stages": [s.state_dict() if hasattr(s, "state_dict") else None for s in self.stages],
         }
 
-    def _with_snapshots(self, it: Iterator[Any], ctx: Context) -> Iterator[Any]:
+    def _with_snapshots(self, it: Iterator[Any], ctx: Context, tel: Any = None) -> Iterator[Any]:
+        """Each output with the slot's state (and, with telemetry, its counters: ``"__stats__"``)."""
         for x in it:
             if not isinstance(x, dict):
                 raise TypeError(f"a checkpointed pipeline yields dicts (batches), got {type(x).__name__}")
-            yield {**x, "__state__": self.slot_state(ctx), "__worker__": ctx.worker}
-        yield {"__worker_done__": True, "__state__": self.slot_state(ctx), "__worker__": ctx.worker}
+            yield {**x, **self._snapshot(ctx, tel)}
+        yield {"__worker_done__": True, **self._snapshot(ctx, tel)}
+
+    def _snapshot(self, ctx: Context, tel: Any) -> dict[str, Any]:
+        if tel is None:
+            return {"__state__": self.slot_state(ctx), "__worker__": ctx.worker}
+        t0 = perf_counter()
+        state = self.slot_state(ctx)
+        tel.state_s += perf_counter() - t0
+        return {"__state__": state, "__worker__": ctx.worker, "__stats__": tel.snapshot(self.stages)}
 
     def _load_slot(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
