@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .errors import ErrorCounts, Reasoned, check_policy, handle, redact
 from .format import is_image_ext
 
+PICKLE_EXTS = ("pyd", "pickle", "pkl")  # pickle.loads: runs code from the shard; only with unsafe_pickle=True
+TORCH_EXTS = ("pth", "pt")  # torch.load(weights_only=False): the same
 
-class DecodeError(ValueError):
-    """A member could not be decoded; the message names shard, key, member and reason."""
+
+class DecodeError(Reasoned, ValueError):
+    """A member could not be decoded; the message names shard, key, member and reason. ``reason``:
+    "corrupt_image", "decompression_bomb", "invalid_json", "invalid_utf8", "unpickle_failed", "decode_failed"."""
 
 
 class ImageTransform(Protocol):
@@ -39,9 +46,10 @@ def open_image(data: bytes, draft: Draft = None, max_pixels: int | None = None) 
     try:
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:  # Pillow's own, stricter-than-ours global limit
-        raise ValueError(f"image exceeds the limit of decodable pixels: {e}") from None
+        raise DecodeError(f"image exceeds the limit of decodable pixels: {e}", reason="decompression_bomb") from None
     if max_pixels is not None and im.width * im.height > max_pixels:
-        raise ValueError(f"image of {im.width}x{im.height} pixels exceeds the limit of {max_pixels}")
+        raise DecodeError(f"image of {im.width}x{im.height} pixels exceeds the limit of {max_pixels}",
+                          reason="decompression_bomb")
     orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
     if callable(draft) and im.format == "JPEG":
         sw, sh = (im.height, im.width) if orientation in (5, 6, 7, 8) else im.size  # as displayed
@@ -132,22 +140,64 @@ class Resize:
 _OUTPUTS: dict[str, Callable[[Image.Image], Any]] = {"pil": lambda im: im, "uint8": to_uint8, "float": to_float}
 
 
+@dataclass
+class DecodeStats(ErrorCounts):
+    samples: int = 0  # samples decoded; ``skipped`` counts those left out under on_error, by reason
+
+
+def _reason(e: Exception, key: str) -> str:
+    ext = key.rsplit(".", 1)[-1].lower()
+    if isinstance(e, DecodeError):
+        return e.reason
+    if isinstance(e, UnicodeDecodeError):
+        return "invalid_utf8"
+    if isinstance(e, json.JSONDecodeError):
+        return "invalid_json"
+    if ext in PICKLE_EXTS or ext in TORCH_EXTS:
+        return "unpickle_failed"
+    if is_image_ext(key):
+        return "corrupt_image"
+    return "decode_failed"
+
+
 class decode:
     """The stage: decode image members with ``image`` ("pil", "uint8", "float" or a transform such as
     ``Resize(224)`` / ``ImageTiles(...)``), ``json`` members to objects and ``txt`` members to str.
 
-    Only what is named is decoded (``image=None`` leaves images as bytes); other members pass through.
-    ``max_pixels`` refuses decompression bombs before decoding.
+    Only what is named is decoded (``image=None`` leaves images as bytes); other members pass through as
+    bytes. Pickled members (``.pyd``, ``.pickle``, ``.pkl``, ``.pth``, ``.pt``) are never unpickled, since
+    unpickling runs code chosen by whoever wrote the shard, unless ``unsafe_pickle=True`` is given by name.
+    ``max_pixels`` refuses decompression bombs before decoding. ``on_error``: "raise" a `DecodeError`
+    naming shard, key, member and reason, or "skip" the sample (and "warn": also log it), counted in
+    ``stats.skipped`` by reason.
     """
 
     def __init__(self, image: str | ImageTransform | None = "pil", *, json: bool = True, txt: bool = True,
-                 max_pixels: int | None = 178_956_970):
+                 max_pixels: int | None = 178_956_970, on_error: str = "raise", unsafe_pickle: bool = False):
         if isinstance(image, str):
             if image not in _OUTPUTS:
                 raise ValueError(f"image must be one of {sorted(_OUTPUTS)} or a transform, not {image!r}")
             image = _OUTPUTS[image]
         self.image, self.json, self.txt, self.max_pixels = image, json, txt, max_pixels
         self.draft = getattr(image, "draft_size", None)  # (w, h) of the stored image -> smallest usable size
+        self.on_error = check_policy(on_error)
+        self.unsafe_pickle = unsafe_pickle is True
+        self.stats = DecodeStats()
+
+    def _member(self, key: str, value: bytes) -> Any:
+        ext = key.rsplit(".", 1)[-1]
+        if self.image is not None and is_image_ext(key):
+            return self.image(open_image(value, self.draft, self.max_pixels))
+        if self.json and ext == "json":
+            return json.loads(value)
+        if self.txt and ext == "txt":
+            return value.decode("utf-8")
+        if self.unsafe_pickle:
+            if ext.lower() in PICKLE_EXTS:
+                return pickle.loads(value)
+            if ext.lower() in TORCH_EXTS:
+                return torch.load(io.BytesIO(value), weights_only=False)
+        return value
 
     def decode_sample(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(sample)
@@ -155,21 +205,23 @@ class decode:
             if key.startswith("__") or not isinstance(value, (bytes, bytearray)):
                 continue
             try:
-                if self.image is not None and is_image_ext(key):
-                    out[key] = self.image(open_image(value, self.draft, self.max_pixels))
-                elif self.json and key.rsplit(".", 1)[-1] == "json":
-                    out[key] = json.loads(value)
-                elif self.txt and key.rsplit(".", 1)[-1] == "txt":
-                    out[key] = value.decode("utf-8")
+                out[key] = self._member(key, value)
             except Exception as e:
                 raise DecodeError(
-                    f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r} member {key!r}: "
-                    f"{type(e).__name__}: {e}"
+                    f"{redact(str(sample.get('__url__', '?')))}: sample {sample.get('__key__', '?')!r} "
+                    f"member {key!r}: {type(e).__name__}: {e}", reason=_reason(e, key)
                 ) from None
         return out
 
     map_sample = decode_sample  # one sample in, one out: how a resumed pipeline rebuilds buffered samples
 
     def __call__(self, it: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
+        self.stats = DecodeStats()
         for sample in it:
-            yield self.decode_sample(sample)
+            try:
+                out = self.decode_sample(sample)
+            except DecodeError as e:
+                handle(self.on_error, e, self.stats, "decode")
+                continue
+            self.stats.samples += 1
+            yield out

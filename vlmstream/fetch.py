@@ -24,23 +24,19 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterator, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
+from .errors import ErrorCounts, Reasoned, check_policy, handle, redact
 from .pipeline import Context
 
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 REDIRECT_STATUS = {301, 302, 303, 307, 308}
-_SECRET_QUERY = re.compile(r"(?i)((?:^|&)(?:token|sig|signature|key|access_token|x-amz-[a-z-]+)=)[^&]*")
 
 
-class FetchError(IOError):
-    """A shard could not be read; the message names the (redacted) URL and what happened."""
+class FetchError(Reasoned, IOError):
+    """A shard could not be read; the message names the (redacted) URL and what happened.
 
-
-def redact(url: str) -> str:
-    """The URL with credentials removed, fit for logs, errors and state dicts."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
-    query = _SECRET_QUERY.sub(r"\1***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    ``reason``: "retries_exhausted", "http_error" (a status that is not retried), "changed" (ETag), "bad_range",
+    "redirects", "not_found", "io_error", or "pipe_refused" (never skipped: a configuration error).
+    """
 
 
 @dataclass
@@ -56,7 +52,9 @@ class FetchOptions:
 
 
 @dataclass
-class FetchStats:
+class FetchStats(ErrorCounts):
+    """Counts of one fetch stage (per DataLoader worker); ``skipped`` counts shards given up, by reason."""
+
     requests: int = 0
     retries: int = 0
     resumed: int = 0  # Range requests that continued a broken transfer
@@ -64,8 +62,8 @@ class FetchStats:
     cache_hits: int = 0
     shards: int = 0
 
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v.copy() if isinstance(v, (dict, list)) else v for k, v in self.__dict__.items()}
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -135,7 +133,7 @@ class HTTPClient:
                 url = location if "://" in location else urlunsplit((parts.scheme, parts.netloc, location, "", ""))
                 continue
             return resp, conn, url
-        raise FetchError(f"{redact(url)}: too many redirects")
+        raise FetchError(f"{redact(url)}: too many redirects", reason="redirects")
 
 
 class _Retry(Exception):
@@ -172,11 +170,12 @@ class HTTPStream(io.RawIOBase):
             raise _Retry(f"HTTP {status}", wait)
         if status not in (200, 206):
             conn.close()
-            raise FetchError(f"{redact(self.url)}: HTTP {status} {resp.reason}")
+            raise FetchError(f"{redact(self.url)}: HTTP {status} {resp.reason}", reason="http_error")
         etag = resp.getheader("ETag")
         if self.etag and etag and etag != self.etag:
             conn.close()
-            raise FetchError(f"{redact(self.url)}: the file changed while it was read (ETag {self.etag} -> {etag})")
+            raise FetchError(f"{redact(self.url)}: the file changed while it was read (ETag {self.etag} -> {etag})",
+                             reason="changed")
         self.etag = self.etag or etag
         if status == 200:
             cl = resp.getheader("Content-Length")
@@ -193,7 +192,8 @@ class HTTPStream(io.RawIOBase):
             m = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.getheader("Content-Range", ""))
             if not m or int(m.group(1)) != self.pos:
                 conn.close()
-                raise FetchError(f"{redact(self.url)}: bad Content-Range {resp.getheader('Content-Range')!r}")
+                raise FetchError(f"{redact(self.url)}: bad Content-Range {resp.getheader('Content-Range')!r}",
+                                 reason="bad_range")
             if m.group(3) != "*":
                 self.length = int(m.group(3))
         if self.pos:
@@ -216,7 +216,7 @@ class HTTPStream(io.RawIOBase):
                 if tries >= self.opts.retries:
                     raise FetchError(
                         f"{redact(self.url)}: gave up after {tries + 1} attempts at byte {self.pos}"
-                        f" of {self.length if self.length is not None else '?'}: {why}"
+                        f" of {self.length if self.length is not None else '?'}: {why}", reason="retries_exhausted"
                     ) from None
                 wait = e.wait if isinstance(e, _Retry) and e.wait is not None else None
                 if wait is None:
@@ -264,9 +264,10 @@ def open_url(url: str, *, client: HTTPClient | None = None, allow_pipe: bool = F
     allowed) pipe:."""
     if url.startswith("pipe:"):
         if not allow_pipe:
-            raise FetchError(f"{url[:40]!r}: pipe: URLs run shell commands; pass allow_pipe=True to use them")
+            raise FetchError(f"{redact(url)[:40]!r}: pipe: URLs run shell commands; pass allow_pipe=True to use them",
+                             reason="pipe_refused")
         if start:
-            raise FetchError(f"{url[:40]!r}: a pipe: stream cannot start at byte {start}")
+            raise FetchError(f"{redact(url)[:40]!r}: a pipe: stream cannot start at byte {start}", reason="pipe_refused")
         proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=buffer_size)
         return proc.stdout
     headers = None
@@ -280,7 +281,8 @@ def open_url(url: str, *, client: HTTPClient | None = None, allow_pipe: bool = F
     try:
         f = open(path, "rb", buffering=buffer_size)
     except OSError as e:
-        raise FetchError(f"{path}: {e.strerror}") from None
+        raise FetchError(f"{path}: {e.strerror}", reason="not_found" if isinstance(e, FileNotFoundError) else "io_error"
+                         ) from None
     if start:
         f.seek(start)
     return f
@@ -457,6 +459,20 @@ class _CacheTee(io.RawIOBase):
 # ----------------------------------------------------------------------------------------------------- stage
 
 
+class _Failed(io.RawIOBase):
+    """The stream of a shard that could not be opened, under on_error="skip": reading raises the error, so
+    the reader downstream meets it where it would meet a transfer that broke for good."""
+
+    def __init__(self, error: FetchError):
+        self.error = error
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        raise self.error
+
+
 class fetch:
     """The stage: shard items in, ``{**item, "stream": binary file}`` out, opened in order.
 
@@ -464,11 +480,16 @@ class fetch:
     ``cache``: a folder keeping whole shards for later epochs, bounded by ``cache_bytes`` (LRU).
     ``headers``: sent with every HTTP request (auth); the HF token is taken from huggingface_hub's usual
     places for hf:// URLs. Neither ever appears in errors, stats or state.
+    ``on_error``: a shard that cannot be read (retries exhausted, HTTP 404, ...) raises ``FetchError``
+    ("raise"), or is skipped and counted in ``stats`` with the samples lost ("skip"; "warn" also logs). The
+    reader downstream (`tar_samples`) reports how far it got, so samples already delivered stay delivered
+    and the rest of the shard is counted from the manifest. A refused ``pipe:`` URL always raises.
     """
 
     def __init__(self, *, prefetch: int = 2, prefetch_bytes: int = 256 << 20, cache: str | None = None,
                  cache_bytes: int = 50 << 30, allow_pipe: bool = False, headers: Mapping[str, str] | None = None,
-                 hf_token: str | bool | None = None, options: FetchOptions | None = None):
+                 hf_token: str | bool | None = None, options: FetchOptions | None = None, on_error: str = "raise"):
+        self.on_error = check_policy(on_error)
         self.opts = options or FetchOptions()
         if headers:
             self.opts = FetchOptions(**{**self.opts.__dict__, "headers": {**self.opts.headers, **headers}})
@@ -506,11 +527,31 @@ class fetch:
             return io.BufferedReader(self.cache.tee(url, f), self.opts.chunk)
         return f
 
+    def shard_failed(self, error: FetchError, lost: int | None) -> None:
+        """Called by the reader when a shard's stream fails for good: apply ``on_error`` (``lost``: the
+        samples of this slot's share of the shard not delivered, None when the manifest does not say)."""
+        if self.on_error == "raise" or error.reason == "pipe_refused":
+            raise error
+        note = f" (shard skipped, {'an unknown number of' if lost is None else lost} samples lost)"
+        handle(self.on_error, error, self.stats, "fetch", lost, note)
+
+    def _out(self, item: Mapping[str, Any], stream: BinaryIO) -> dict[str, Any]:
+        out = {**item, "stream": stream}
+        if self.on_error != "raise":
+            out["on_fetch_error"] = self.shard_failed  # the reader calls it with how many samples were lost
+        return out
+
     def __call__(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         client = HTTPClient(self.opts, self.stats)
         if self.prefetch <= 0:
             for item in it:
-                yield {**item, "stream": self.open(item, client)}
+                try:
+                    stream = self.open(item, client)
+                except FetchError as e:
+                    if self.on_error == "raise" or e.reason == "pipe_refused":
+                        raise
+                    stream = _Failed(e)
+                yield self._out(item, stream)
             return
         yield from self._read_ahead(it, client)
 
@@ -552,7 +593,7 @@ class fetch:
                 if isinstance(got, BaseException):
                     raise got
                 item, stream = got
-                yield {**item, "stream": io.BufferedReader(stream, self.opts.chunk)}
+                yield self._out(item, io.BufferedReader(stream, self.opts.chunk))
         finally:
             stop.set()
             while True:  # unblock the thread if it waits on a full queue

@@ -38,6 +38,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import Reasoned, redact
+
 FORMAT_NAME = "vlmstream-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "index.json"
@@ -58,8 +60,9 @@ TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # archives are padded to whole records of 20 blocks, as tarfile and GNU tar do
 
 
-class FormatError(ValueError):
-    """A sample, record or manifest that breaks the format; the message says what and where."""
+class FormatError(Reasoned, ValueError):
+    """A sample, record or manifest that breaks the format; the message says what and where, ``reason`` the
+    short key it is counted under when skipped (e.g. "placeholder_mismatch", "invalid_json")."""
 
 
 @dataclass
@@ -97,7 +100,8 @@ def validate_conversation(conv: Conversation) -> None:
     if not any(m["role"] == "assistant" and m["content"].strip() for m in conv.messages):
         raise FormatError("no assistant answer")
     if placeholders != len(conv.images):
-        raise FormatError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(conv.images)} images")
+        raise FormatError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(conv.images)} images",
+                          reason="placeholder_mismatch")
     if len(set(conv.images)) != len(conv.images):
         raise FormatError(f"duplicate image references {conv.images}")
 
@@ -135,27 +139,30 @@ def conversation_from_sample(sample: Mapping[str, Any]) -> Conversation:
     A caption sample (one image member, a ``txt`` caption) becomes a user turn holding only the image and an
     assistant turn holding the caption; its optional ``json`` metadata lands in ``meta``.
     """
-    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    where = f"{redact(str(sample.get('__url__', '?')))}: sample {sample.get('__key__', '?')!r}"
     raw = sample.get("json")
     doc = None
     if raw is not None:
         try:
             doc = json.loads(raw) if isinstance(raw, (bytes, bytearray, str)) else raw
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"{where}: invalid json member: {e}") from None
+            raise FormatError(f"{where}: invalid json member: {e}",
+                              reason="invalid_utf8" if isinstance(e, UnicodeDecodeError) else "invalid_json") from None
     if isinstance(doc, Mapping) and "messages" in doc:
         conv = Conversation(list(doc["messages"]), list(doc.get("images", [])), dict(doc.get("meta", {})))
         missing = [e for e in conv.images if e not in sample]
         if missing:
-            raise FormatError(f"{where}: image members {missing} referenced but not in the sample")
+            raise FormatError(f"{where}: image members {missing} referenced but not in the sample",
+                              reason="missing_image")
     else:
         images = sorted(k for k in sample if not k.startswith("__") and is_image_ext(k))
         if len(images) != 1 or "txt" not in sample:
-            raise FormatError(f"{where}: neither a conversation (json with messages) nor a caption (image + txt)")
+            raise FormatError(f"{where}: neither a conversation (json with messages) nor a caption (image + txt)",
+                              reason="bad_conversation")
         try:
             caption = _text(sample["txt"])
         except UnicodeDecodeError as e:
-            raise FormatError(f"{where}: txt is not UTF-8: {e}") from None
+            raise FormatError(f"{where}: txt is not UTF-8: {e}", reason="invalid_utf8") from None
         conv = Conversation(
             [{"role": "user", "content": IMAGE_PLACEHOLDER}, {"role": "assistant", "content": caption.strip()}],
             images,
@@ -164,7 +171,7 @@ def conversation_from_sample(sample: Mapping[str, Any]) -> Conversation:
     try:
         validate_conversation(conv)
     except FormatError as e:
-        raise FormatError(f"{where}: {e}") from None
+        raise FormatError(f"{where}: {e}", reason=e.reason) from None
     return conv
 
 

@@ -243,6 +243,7 @@ class take:
 class QuotaStats:
     padded: int = 0  # samples yielded a second time so that this slot reaches its quota
     dropped: int = 0  # samples of this slot's shards left out so that it stops at its quota
+    unread: int = 0  # samples of this slot's shards lost to errors skipped under on_error (not in `dropped`)
 
 
 @dataclass
@@ -305,4 +306,4 @@ def slot_samples(items: Iterator[dict[str, Any]], read: Any, stats: QuotaStats |
         cursor.item += 1
         cursor.index = cursor.offset = None
     if quota is not None and total is not None:
-        stats.dropped += total - cursor.real  # counted from the manifest, never silent
+        stats.dropped += max(0, total - cursor.real - stats.unread)  # from the manifest, never silent

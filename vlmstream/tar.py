@@ -13,6 +13,8 @@ webdataset, each one raising where webdataset would silently lose or alter data:
   (tarfile raises only at offset 0 and silently stops later);
 - sparse members (GNU ``S`` type, ``GNU.sparse.*`` pax records) raise (tarfile expands them);
 - a global pax header that sets ``size`` raises (tarfile applies it to every later member's length);
+- a key that appears again later in the same shard (the members of one sample are not adjacent) raises
+  (webdataset yields a second sample with the same key, half of each);
 - the extensions ``__offset__``, ``__index__`` (our provenance keys) and ``__bad__`` raise (webdataset silently
   drops a sample whose ``__bad__`` member is non-empty); ``__key__`` and ``__url__`` raise in both;
 - bzip2 / xz / zstd shards raise with the compression named (tarfile reads bzip2 and xz); gzip is read;
@@ -30,9 +32,12 @@ from __future__ import annotations
 import gzip
 import re
 import zlib
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol
 from zlib import adler32
 
+from .errors import ErrorCounts, check_policy, handle, redact
+from .fetch import FetchError
 from .format import FormatError
 from .split import QuotaStats, SlotCursor, slot_samples
 
@@ -67,19 +72,41 @@ class Readable(Protocol):
 
 
 Sample = dict[str, Any]
+_MAX_SIZE = 1 << 40  # a size field above this is garbage, whatever max_member_bytes says
+
+
+class Oversized:
+    """In place of a member's data: the member was over max_member_bytes and was skipped unread."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class BadSample:
+    """A sample that breaks the rules (duplicate or reserved extension, a key seen earlier in the shard, a
+    member over the size limit), yielded instead of raised under ``on_error="skip"``: the reader counts it."""
+
+    def __init__(self, sample: Sample, error: TarError):
+        self.error = error
+        self.key, self.index, self.offset = sample["__key__"], sample["__index__"], sample["__offset__"]
+
+    def __getitem__(self, name: str) -> Any:  # the provenance keys, as a sample has them
+        return {"__key__": self.key, "__index__": self.index, "__offset__": self.offset}[name]
 
 
 # ------------------------------------------------------------------------------------------------- members
 
 
 def iter_members(
-    stream: Readable, url: str, *, max_member_bytes: int | None = None
+    stream: Readable, url: str, *, max_member_bytes: int | None = None, skip_oversize: bool = False
 ) -> Iterator[tuple[str, bytes, int]]:
     """Yield ``(name, data, offset)`` for each regular member, reading ``stream`` front to back (no seek).
 
     ``offset`` is where the member's first header (a GNU longname or pax header, if any) starts in the
     uncompressed tar stream. Gzip-compressed shards are detected from their first bytes and decompressed.
-    A member, or an extended header, over ``max_member_bytes`` raises before it is read.
+    A member, or an extended header, over ``max_member_bytes`` raises before it is read; with
+    ``skip_oversize`` a regular member over it is passed over in chunks (never held whole) and yielded
+    with an ``Oversized`` value in place of its data.
     """
     read = stream.read
     head = _read(read, BLOCK)
@@ -90,18 +117,19 @@ def iter_members(
     try:
         if unzipped is not None:
             head = _read(read, BLOCK)
-        yield from _members(read, head, url, max_member_bytes)
+        yield from _members(read, head, url, max_member_bytes, skip_oversize)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # only the gzip layer raises these
         if unzipped is None:
             raise
-        raise TarError(f"{url}: offset {unzipped.tell()}: corrupt or truncated gzip stream: {e}") from None
+        raise TarError(f"{url}: offset {unzipped.tell()}: corrupt or truncated gzip stream: {e}",
+                       reason="truncated") from None
     finally:
         if unzipped is not None:
             unzipped.close()  # releases the decompressor; leaves `stream` open
 
 
 def _members(
-    read: Callable[[int], bytes], head: bytes, url: str, limit: int | None
+    read: Callable[[int], bytes], head: bytes, url: str, limit: int | None, skip_oversize: bool = False
 ) -> Iterator[tuple[str, bytes, int]]:
     pos = 0  # offset of `head` in the tar stream
     start = 0  # offset of the first header of the current member's chain
@@ -114,31 +142,37 @@ def _members(
         if stored != (adler32(head[:256]) & 0xFFFF) + (adler32(head[256:]) & 0xFFFF) - 2 - field_sum + 256:
             if head == _ZEROS:  # end-of-archive; like tarfile we stop at the first zero block
                 if chain:
-                    raise TarError(f"{url}: offset {pos}: end-of-archive block right after an extended header")
+                    raise TarError(f"{url}: offset {pos}: end-of-archive block right after an extended header",
+                                   reason="bad_header")
                 return
             if stored is None or stored != _signed_checksum(head):  # some old tars sum signed bytes
-                raise TarError(f"{url}: offset {pos}: bad header checksum{_compression_hint(head, pos)}")
+                raise TarError(f"{url}: offset {pos}: bad header checksum{_compression_hint(head, pos)}",
+                               reason="unsupported" if _compression_hint(head, pos) else "bad_header")
         try:
             size = _number(head[124:136])
         except ValueError:
-            raise TarError(f"{url}: offset {pos}: invalid size field {head[124:136]!r}") from None
+            raise TarError(f"{url}: offset {pos}: invalid size field {head[124:136]!r}", reason="bad_header") from None
+        if size > _MAX_SIZE:  # garbage in the field: never ask the stream (or the allocator) for that much
+            raise TarError(f"{url}: offset {pos}: implausible size field {size}", reason="bad_header")
         flag = head[156]
 
         if flag in _EXTENSIONS:
             if size < 0 or (limit is not None and size > limit):
-                raise TarError(f"{url}: offset {pos}: extended header size {size} (max_member_bytes={limit})")
+                raise TarError(f"{url}: offset {pos}: extended header size {size} (max_member_bytes={limit})",
+                               reason="member_too_large")
             if not chain and flag != _PAX_GLOBAL:
                 start = pos
             padded = size + (-size % BLOCK)
             buf = _read(read, padded + BLOCK)
             if len(buf) < padded:
-                raise TarError(f"{url}: offset {pos}: truncated extended header ({len(buf)} of {padded} bytes)")
+                raise TarError(f"{url}: offset {pos}: truncated extended header ({len(buf)} of {padded} bytes)",
+                               reason="truncated")
             head = buf[padded:]
             payload = buf[:padded]  # tarfile reads the padding too, so do we
             if flag == _PAX_GLOBAL:
                 _parse_pax(payload, global_pax, url, pos)
                 if "size" in global_pax:
-                    raise TarError(f"{url}: offset {pos}: global pax header sets 'size' (unsupported)")
+                    raise TarError(f"{url}: offset {pos}: global pax header sets 'size' (unsupported)", reason="unsupported")
             elif flag == _PAX or flag == _PAX_SOLARIS:
                 chain.append((_PAX, _parse_pax(payload, dict(global_pax), url, pos)))
             else:  # L or K
@@ -155,7 +189,7 @@ def _members(
         if flag in _NO_DATA or (flag == 0 and raw_name.endswith(b"/")):  # old tars mark directories so
             data_size = 0
         elif flag == _SPARSE:
-            raise TarError(f"{url}: offset {start}: sparse member {_nts(raw_name)!r} (unsupported)")
+            raise TarError(f"{url}: offset {start}: sparse member {_nts(raw_name)!r} (unsupported)", reason="unsupported")
         else:
             name = raw_name.decode("utf-8", "surrogateescape")
             if head[345]:  # ustar prefix; tarfile applies it whatever the magic says
@@ -163,18 +197,29 @@ def _members(
             if chain or global_pax:
                 name, size = _resolve(name, size, chain, global_pax)
             if size < 0:
-                raise TarError(f"{url}: offset {start}: member {name!r} has negative size {size}")
+                raise TarError(f"{url}: offset {start}: member {name!r} has negative size {size}", reason="bad_header")
             if flag in _REGULAR:
                 if limit is not None and size > limit:
-                    raise TarError(
-                        f"{url}: offset {start}: member {name!r} is {size} bytes, over max_member_bytes={limit}"
-                    )
+                    k = split_key(name)
+                    why = (f"{url}: offset {start}: {f'key {k[0]!r}: ' if k else ''}member {name!r} is {size} bytes, "
+                           f"over max_member_bytes={limit}")
+                    if not skip_oversize:
+                        raise TarError(why, reason="member_too_large")
+                    padded = size + (-size % BLOCK)  # skipped in chunks, never held whole
+                    if not _skip(read, padded):
+                        raise TarError(f"{url}: offset {start}: truncated member {name!r}", reason="truncated")
+                    yield name, Oversized(why), start
+                    chain = []
+                    pos += BLOCK + padded
+                    head = _read(read, BLOCK)
+                    continue
                 data = read(size)
                 if len(data) != size:
                     data = _read_more(read, data, size)
                     if len(data) != size:
                         raise TarError(
-                            f"{url}: offset {start}: truncated member {name!r} ({len(data)} of {size} bytes)"
+                            f"{url}: offset {start}: truncated member {name!r} ({len(data)} of {size} bytes)",
+                            reason="truncated",
                         )
                 yield name, data, start
                 chain = []
@@ -190,7 +235,7 @@ def _members(
         chain = []
         padded = data_size + (-data_size % BLOCK)
         if padded and not _skip(read, padded):
-            raise TarError(f"{url}: offset {start}: truncated data of a non-file member")
+            raise TarError(f"{url}: offset {start}: truncated data of a non-file member", reason="truncated")
         pos += BLOCK + padded
         head = _read(read, BLOCK)
 
@@ -222,10 +267,10 @@ def _parse_pax(buf: bytes, into: dict[str, str], url: str, pos: int) -> dict[str
     while (m := _PAX_RECORD.match(buf, i)) is not None:
         length = int(m.group(1))
         if length == 0:
-            raise TarError(f"{url}: offset {pos}: pax record of length 0")
+            raise TarError(f"{url}: offset {pos}: pax record of length 0", reason="bad_header")
         key = m.group(2).decode("utf-8", "surrogateescape")
         if key.startswith("GNU.sparse."):
-            raise TarError(f"{url}: offset {pos}: sparse member (pax {key}) (unsupported)")
+            raise TarError(f"{url}: offset {pos}: sparse member (pax {key}) (unsupported)", reason="unsupported")
         into[key] = buf[m.end(2) + 1 : i + length - 1].decode("utf-8", "surrogateescape")
         i += length
     return into
@@ -270,10 +315,12 @@ def _nts(raw: bytes) -> str:
 def _short_header(url: str, pos: int, head: bytes) -> TarError:
     if head:
         hint = _compression_hint(head, pos)
-        return TarError(f"{url}: offset {pos}: truncated header ({len(head)} of {BLOCK} bytes){hint}")
+        return TarError(f"{url}: offset {pos}: truncated header ({len(head)} of {BLOCK} bytes){hint}",
+                        reason="unsupported" if hint else "truncated")
     if pos == 0:
-        return TarError(f"{url}: offset 0: empty file")
-    return TarError(f"{url}: offset {pos}: stream ends without the end-of-archive block (truncated shard?)")
+        return TarError(f"{url}: offset 0: empty file", reason="truncated")
+    return TarError(f"{url}: offset {pos}: stream ends without the end-of-archive block (truncated shard?)",
+                    reason="truncated")
 
 
 def _compression_hint(head: bytes, pos: int) -> str:
@@ -348,16 +395,23 @@ def split_key(name: str) -> tuple[str, str] | None:
 
 
 def group_samples(members: Iterable[tuple[str, bytes, int]], url: str, base_offset: int = 0,
-                  first_index: int = 0) -> Iterator[Sample]:
+                  first_index: int = 0, *, bad: str = "raise") -> Iterator[Sample]:
     """Group one shard's members into samples by webdataset's rules: a new sample whenever the key changes.
 
     Each sample has ``__key__``, ``__url__``, one bytes value per (lowercased) extension, and its provenance:
     ``__offset__`` (the tar offset of its first member's header) and ``__index__`` (its rank in the shard).
     A stream opened mid-shard (at a sample's offset, to resume) gives that offset and index as the bases.
+
+    A sample that breaks the rules raises ``TarError``: a duplicate extension, a reserved extension, a member
+    over the size limit (an ``Oversized`` value), or a key that appears again later in the shard (the members
+    of one sample are not adjacent; webdataset would silently make two samples with one key). With
+    ``bad="yield"`` it is yielded as a ``BadSample`` instead (its index still counts) and grouping goes on.
     """
     sample: Sample | None = None
+    error: TarError | None = None
     key = None
     index = first_index
+    seen: set[str] = set()  # keys of this shard so far (from the resume point when opened mid-shard)
     for name, data, offset in members:
         offset += base_offset
         if name.startswith("__") and (("/" not in name and name.endswith("__")) or _META.match(name)):
@@ -369,16 +423,33 @@ def group_samples(members: Iterable[tuple[str, bytes, int]], url: str, base_offs
         ext = ext.lower()
         if sample is None or member_key != key:
             if sample is not None:
-                yield sample
+                yield sample if error is None else BadSample(sample, error)
             key = member_key
             sample = {"__key__": key, "__url__": url, "__offset__": offset, "__index__": index}
+            error = None
             index += 1
-        if ext in sample or ext == "__bad__":
-            why = "a reserved name" if ext in _RESERVED else "a duplicate in the sample"
-            raise TarError(f"{url}: offset {offset}: key {key!r}: extension {ext!r} is {why} (member {name!r})")
-        sample[ext] = data
+            if key in seen:
+                error = TarError(f"{url}: offset {offset}: key {key!r} appears again in the shard (the members of "
+                                 f"one sample are not adjacent)", reason="repeated_key")
+                if bad == "raise":
+                    raise error
+            seen.add(key)
+        if error is not None:
+            continue  # the rest of a bad sample
+        if type(data) is Oversized:
+            error = TarError(data.message, reason="member_too_large")
+        elif ext in sample or ext == "__bad__":
+            reserved = ext in _RESERVED
+            why = "a reserved name" if reserved else "a duplicate in the sample"
+            error = TarError(f"{url}: offset {offset}: key {key!r}: extension {ext!r} is {why} (member {name!r})",
+                             reason="reserved_extension" if reserved else "duplicate_extension")
+        else:
+            sample[ext] = data
+            continue
+        if bad == "raise":
+            raise error
     if sample is not None:
-        yield sample
+        yield sample if error is None else BadSample(sample, error)
 
 
 def read_tar_samples(stream: Readable, url: str, *, max_member_bytes: int | None = None, base_offset: int = 0,
@@ -388,22 +459,31 @@ def read_tar_samples(stream: Readable, url: str, *, max_member_bytes: int | None
     return group_samples(members, url, base_offset, first_index)
 
 
+@dataclass
+class TarStats(QuotaStats, ErrorCounts):
+    """``tar_samples().stats``: the DDP quota counts (padded, dropped) and what ``on_error`` skipped: a shard
+    cut short by a bad header or truncation counts once in ``skipped`` and its remaining samples (from the
+    manifest) in ``samples_lost``; a bad sample counts once in each."""
+
+
 class TarSamples:
     """The ``tar_samples()`` stage: ``{"url", "stream", ...}`` items (as the fetch stage yields them) -> samples.
 
     Each stream is closed once its shard is read, or when the consumer stops early or an error is raised. The
     split stages' item keys (``sample_offset`` / ``sample_step``, ``quota``, ``padding``) are honoured through
-    ``split.slot_samples``; ``stats`` counts the samples padded or dropped by the current iteration.
+    ``split.slot_samples``; ``stats`` counts the samples padded, dropped or skipped by the current iteration.
+    Samples carry the shard's URL redacted (no credentials) in ``__url__``.
     """
 
-    def __init__(self, *, max_member_bytes: int | None = None):
+    def __init__(self, *, max_member_bytes: int | None = 1 << 30, on_error: str = "raise"):
         self.max_member_bytes = max_member_bytes
-        self.stats = QuotaStats()
+        self.on_error = check_policy(on_error)
+        self.stats = TarStats()
         self.cursor = SlotCursor()  # where this slot is: what a checkpoint records, what a resume starts from
         self._resume: SlotCursor | None = None
 
     def __call__(self, items: Iterable[dict[str, Any]]) -> Iterator[Sample]:
-        self.stats = QuotaStats()  # one count per iteration (per worker slot)
+        self.stats = TarStats()  # one count per iteration (per worker slot)
         self.cursor, self._resume = self._resume or SlotCursor(), None
         return slot_samples(iter(items), self.read, self.stats, self.cursor)
 
@@ -419,18 +499,24 @@ class TarSamples:
 
         Resume keys on the item: ``start_offset`` / ``start_index`` (the stream starts at that sample),
         ``skip_through`` (samples up to that index were delivered already), ``refs`` (only these indexes,
-        sorted: samples fetched again by reference).
+        sorted: samples fetched again by reference). Under ``on_error="skip"``/``"warn"`` a bad sample is
+        left out, and a shard that breaks (bad header, truncation, a fetch that gave up: that one counted
+        by the fetch stage) ends after the good samples before the break.
         """
-        url = item.get("url", "?")
+        url = redact(item.get("url", "?"))
         stream = item.get("stream")
         if stream is None:
             raise TarError(f"{url}: no 'stream' in {sorted(item)}; put a fetch stage before tar_samples")
         skip = item.get("skip_through", -1)
         refs = item.get("refs")
         wanted = set(refs) if refs is not None else None
+        off, step = item.get("sample_offset", 0), item.get("sample_step", 1)
+        tolerant = self.on_error != "raise"
+        met = 0  # samples of this slot's share met in this shard: delivered, or skipped one by one
         try:
-            samples = read_tar_samples(stream, url, max_member_bytes=self.max_member_bytes,
-                                       base_offset=item.get("start_offset", 0), first_index=item.get("start_index", 0))
+            members = iter_members(stream, url, max_member_bytes=self.max_member_bytes, skip_oversize=tolerant)
+            samples = group_samples(members, url, item.get("start_offset", 0), item.get("start_index", 0),
+                                    bad="yield" if tolerant else "raise")
             for sample in samples:
                 i = sample["__index__"]
                 if i <= skip:
@@ -439,17 +525,64 @@ class TarSamples:
                     if i not in wanted:
                         continue
                     wanted.discard(i)
+                elif step > 1 and i % step != off:
+                    continue  # another slot's sample (slot_samples filters again; this keeps bad ones out)
+                met += 1
+                if type(sample) is BadSample:
+                    self._skipped(item, sample.error, 1, " (sample skipped)")
+                else:
                     yield sample
-                    if not wanted:
-                        return
-                    continue
-                yield sample
+                if wanted is not None and not wanted:
+                    return
             if wanted:
-                raise TarError(f"{url}: samples {sorted(wanted)[:5]} referenced by a checkpoint are not in the shard")
+                raise TarError(f"{url}: samples {sorted(wanted)[:5]} referenced by a checkpoint are not in the shard",
+                               reason="missing_refs")
+        except TarError as e:
+            if not tolerant or e.reason == "missing_refs":
+                raise
+            lost = _left(item, met, wanted)
+            self._skipped(item, e, lost, f" (rest of the shard skipped, {_count(lost)} samples lost)")
+        except FetchError as e:
+            report = item.get("on_fetch_error")  # set by fetch(on_error="skip"|"warn"): it counts the shard
+            if report is None:
+                raise
+            lost = _left(item, met, wanted)
+            report(e, lost)
+            self._unread(item, lost)
         finally:
             stream.close()
 
+    def _skipped(self, item: dict[str, Any], error: TarError, lost: int | None, note: str) -> None:
+        handle(self.on_error, error, self.stats, "tar_samples", lost, note)
+        self._unread(item, lost)
 
-def tar_samples(*, max_member_bytes: int | None = None) -> TarSamples:
-    """Pipeline stage: shard streams -> samples grouped by webdataset's rules, with provenance."""
-    return TarSamples(max_member_bytes=max_member_bytes)
+    def _unread(self, item: dict[str, Any], lost: int | None) -> None:
+        if lost and not item.get("padding"):
+            self.stats.unread += lost  # keeps `dropped` (equal per-rank counts) from counting them again
+
+
+def _left(item: dict[str, Any], met: int, wanted: set[int] | None) -> int | None:
+    """Samples of this slot's share of a shard not met yet, from the manifest's count (None if unknown)."""
+    if wanted is not None:
+        return len(wanted)
+    n = item.get("samples")
+    if n is None:
+        return None
+    off, step, skip = item.get("sample_offset", 0), item.get("sample_step", 1), item.get("skip_through", -1)
+    share = len(range(off, n, step)) - len(range(off, min(skip + 1, n), step))
+    return max(0, share - met)
+
+
+def _count(lost: int | None) -> str:
+    return "an unknown number of" if lost is None else str(lost)
+
+
+def tar_samples(*, max_member_bytes: int | None = 1 << 30, on_error: str = "raise") -> TarSamples:
+    """Pipeline stage: shard streams -> samples grouped by webdataset's rules, with provenance.
+
+    ``max_member_bytes``: a larger member is an error (it is never read whole into memory; None: no limit).
+    ``on_error``: "raise" a bad shard or sample, or "skip" it (and "warn": also log it) and count it in
+    ``stats``: a bad sample alone is left out; a bad header or a truncation keeps the good samples before it
+    and skips the rest of that shard. See docs/ERRORS.md.
+    """
+    return TarSamples(max_member_bytes=max_member_bytes, on_error=on_error)

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from tokenizers import AddedToken, Tokenizer
 
+from .errors import ErrorCounts, check_policy, handle, redact
 from .format import IMAGE_PLACEHOLDER, FormatError, conversation_from_sample
 from .tiles import Tiles, num_tiles
 
@@ -121,14 +122,15 @@ class ChatTokenizer:
             content = m["content"]
             for reserved in self._reserved:
                 if reserved in content:
-                    raise FormatError(f"turn text contains the reserved token {reserved!r}")
+                    raise FormatError(f"turn text contains the reserved token {reserved!r}", reason="reserved_token")
             put(t.start.format(role=m["role"]))
             answer_start = pos
             pieces = content.split(IMAGE_PLACEHOLDER)
             for i, piece in enumerate(pieces):
                 if i:
                     if k >= len(grids):
-                        raise FormatError(f"more {IMAGE_PLACEHOLDER} placeholders than images ({len(grids)})")
+                        raise FormatError(f"more {IMAGE_PLACEHOLDER} placeholders than images ({len(grids)})",
+                                          reason="placeholder_mismatch")
                     if m["role"] == "assistant" and pos > answer_start:
                         targets.append((answer_start, pos))
                     start = pos
@@ -142,7 +144,8 @@ class ChatTokenizer:
                 targets.append((answer_start, pos))
             put(t.after)
         if k != len(grids):
-            raise FormatError(f"{k} {IMAGE_PLACEHOLDER} placeholders but {len(grids)} images")
+            raise FormatError(f"{k} {IMAGE_PLACEHOLDER} placeholders but {len(grids)} images",
+                              reason="placeholder_mismatch")
         enc = self.tok.encode("".join(text), add_special_tokens=False)
         ids, offsets = enc.ids, enc.offsets
         target = _mark(offsets, targets)
@@ -200,7 +203,7 @@ def truncate(enc: Encoded, max_len: int) -> tuple[Encoded, int]:
 
 
 @dataclass
-class TokenizeStats:
+class TokenizeStats(ErrorCounts):
     samples: int = 0
     too_long: int = 0  # dropped, or truncated with overflow="truncate"
     truncated: int = 0
@@ -213,13 +216,18 @@ class tokenize:
     Out: ``input_ids``, ``labels`` (int64 [L]), ``images`` (list of [n_tiles, 3, H, W]), ``__key__`` etc., and
     ``__pad_id__`` for the batch stage. A sample longer than ``max_len`` is dropped (``overflow="drop"``) or
     cut (``"truncate"``, never through an image); a sample left with no answer token is dropped; both are
-    counted in ``stats``.
+    counted in ``stats``. ``on_error``: a sample that breaks the format (invalid JSON, placeholders that do not
+    match its images, a reserved token in its text, an image member missing) raises `FormatError` naming
+    shard, key and reason ("raise"), or is skipped and counted in ``stats.skipped`` by reason ("skip";
+    "warn" also logs it).
     """
 
-    def __init__(self, tok: ChatTokenizer, max_len: int = 4096, *, overflow: str = "drop", shift_labels: bool = True):
+    def __init__(self, tok: ChatTokenizer, max_len: int = 4096, *, overflow: str = "drop", shift_labels: bool = True,
+                 on_error: str = "raise"):
         if overflow not in ("drop", "truncate"):
             raise ValueError(f"overflow must be drop or truncate, not {overflow!r}")
         self.tok, self.max_len, self.overflow, self.shift = tok, max_len, overflow, shift_labels
+        self.on_error = check_policy(on_error)
         self.stats = TokenizeStats()
 
     def encode_sample(self, sample: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -228,7 +236,7 @@ class tokenize:
         try:
             enc = self.tok.encode(conv.messages, [t.grid for t in tiles])
         except (FormatError, ValueError) as e:
-            raise FormatError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}: {e}") from None
+            raise FormatError(f"{_where(sample)}: {e}", reason=getattr(e, "reason", None) or "image_grid") from None
         if len(enc.input_ids) > self.max_len:
             self.stats.too_long += 1
             if self.overflow == "drop":
@@ -255,9 +263,19 @@ class tokenize:
     def __call__(self, it: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
         self.stats = TokenizeStats()
         for sample in it:
-            out = self.encode_sample(sample)
+            try:
+                out = self.encode_sample(sample)
+            except FormatError as e:
+                if e.reason == "not_decoded":  # the chain's set-up, not the data: never skipped
+                    raise
+                handle(self.on_error, e, self.stats, "tokenize")
+                continue
             if out is not None:
                 yield out
+
+
+def _where(sample: Mapping[str, Any]) -> str:
+    return f"{redact(str(sample.get('__url__', '?')))}: sample {sample.get('__key__', '?')!r}"
 
 
 def _as_tiles(value: Any, sample: Mapping[str, Any], ext: str) -> Tiles:
@@ -265,8 +283,9 @@ def _as_tiles(value: Any, sample: Mapping[str, Any], ext: str) -> Tiles:
         return value
     if isinstance(value, torch.Tensor) and value.dim() == 3:  # one whole image, e.g. from vs.Resize
         return Tiles(value[None], (1, 1))
-    raise FormatError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}: image {ext!r} is "
-                      f"{type(value).__name__}; decode images with vs.decode(vs.ImageTiles(...)) before tokenize")
+    raise FormatError(f"{_where(sample)}: image {ext!r} is "
+                      f"{type(value).__name__}; decode images with vs.decode(vs.ImageTiles(...)) before tokenize",
+                      reason="not_decoded")
 
 
 def train_bpe(texts: Iterator[str] | Sequence[str], vocab_size: int = 2000, path: str | None = None) -> Tokenizer:

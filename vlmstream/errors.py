@@ -1,0 +1,103 @@
+"""Error policies: what a stage does with bad input, ``on_error="raise" | "skip" | "warn"``.
+
+One mechanism for every stage that meets bad input (`fetch`, `tar_samples`, `decode`, `tokenize`):
+
+- ``"raise"`` (the default): the error propagates; its message names the shard (URL, credentials redacted),
+  the sample key and byte offset where known, and the reason.
+- ``"skip"``: the bad shard or sample is left out and counted in the stage's ``stats``: ``skipped[reason]``
+  (events), ``samples_lost`` (samples, from the manifest's counts where a shard is cut short),
+  ``unknown_losses`` (shards cut short whose sample count is not known) and ``errors`` (the last messages).
+- ``"warn"``: as "skip", plus one WARNING line on the ``vlmstream`` logger naming shard, key and reason.
+
+docs/ERRORS.md describes the policies, the reasons and the security rules. This module imports only the
+standard library (the pack tool uses the format errors without torch).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+POLICIES = ("raise", "skip", "warn")
+KEEP_ERRORS = 8  # messages kept in ``stats.errors``
+log = logging.getLogger("vlmstream")
+
+_SECRET_QUERY = re.compile(r"(?i)((?:^|&)(?:token|sig|signature|key|access_token|x-amz-[a-z-]+)=)[^&]*")
+_SECRET_TEXT = (  # inside a pipe: command, which is shell text rather than one URL
+    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^/\s@'\"]*@"), r"\1"),
+    (re.compile(r"(?i)([?&](?:token|sig|signature|key|access_token|x-amz-[a-z-]+)=)[^&\s'\"]*"), r"\1***"),
+    (re.compile(r"(?i)(authorization:\s*(?:bearer|basic|token)?\s*)[^\s'\"]+"), r"\1***"),
+)
+
+
+def redact(url: str) -> str:
+    """The URL with credentials removed (userinfo, ``token=``-like query values), fit for logs, errors,
+    stats and state dicts. A ``pipe:`` command has URLs and ``Authorization:`` values in its text redacted."""
+    if url.startswith("pipe:"):
+        for pattern, repl in _SECRET_TEXT:
+            url = pattern.sub(repl, url)
+        return url
+    if "@" not in url and "=" not in url:  # the common case: nothing to hide, nothing to parse
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
+    query = _SECRET_QUERY.sub(r"\1***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+class Reasoned:
+    """Mixed into vlmstream's errors: ``reason`` is the short key a skip is counted under."""
+
+    reason = "error"
+
+    def __init__(self, *args: Any, reason: str | None = None):
+        super().__init__(*args)
+        if reason is not None:
+            self.reason = reason  # an instance attribute: survives pickling (DataLoader workers)
+
+
+def reason_of(exc: BaseException, default: str = "error") -> str:
+    return getattr(exc, "reason", None) or default
+
+
+def check_policy(on_error: str) -> str:
+    if on_error not in POLICIES:
+        raise ValueError(f"on_error must be one of {POLICIES}, not {on_error!r}")
+    return on_error
+
+
+@dataclass
+class ErrorCounts:
+    """What a stage skipped under ``on_error="skip"`` or ``"warn"`` (a base of each stage's stats)."""
+
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> events (a shard cut short counts once)
+    samples_lost: int = 0  # samples left out, counted from the manifest where a shard is cut short
+    unknown_losses: int = 0  # shards cut short whose remaining sample count is not known (no manifest)
+    errors: list[str] = field(default_factory=list)  # the last KEEP_ERRORS messages
+
+
+def handle(policy: str, exc: BaseException, stats: ErrorCounts, stage: str, lost: int | None = 1,
+           note: str = "") -> None:
+    """Apply ``policy`` to ``exc``: raise it, or count it in ``stats`` (and log it for "warn").
+
+    ``lost``: samples this costs (None: not known); ``note`` is appended to the kept message.
+    """
+    if policy == "raise":
+        raise exc
+    reason = reason_of(exc)
+    stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
+    if lost is None:
+        stats.unknown_losses += 1
+    else:
+        stats.samples_lost += lost
+    message = f"{exc}{note}"
+    stats.errors.append(message)
+    del stats.errors[:-KEEP_ERRORS]
+    if policy == "warn":
+        log.warning("%s skipped (%s): %s", stage, reason, message)
+
+
+__all__ = ["ErrorCounts", "POLICIES", "Reasoned", "check_policy", "handle", "log", "reason_of", "redact"]
