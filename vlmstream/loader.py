@@ -210,8 +210,9 @@ class _LoaderTimes:
 def remaining_items(pipe: Pipeline, states: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The shard items of the saved epoch not yet delivered: unfinished shards from where they stopped, and
     the samples that sat in buffers, as reference items. Padding and quotas of the old split are dropped."""
-    from .refs import decode_refs
+    from .refs import decode_refs, url_resolver
 
+    resolve = url_resolver(pipe)  # states hold URLs redacted
     reader = pipe._reader_index()
     out: list[dict[str, Any]] = []
     refs: dict[str, list[tuple[int, int]]] = {}
@@ -236,7 +237,7 @@ def remaining_items(pipe: Pipeline, states: Sequence[Mapping[str, Any]]) -> list
             if slot is not None:
                 for k, st_k in enumerate(slot["stages"]):
                     if isinstance(st_k, dict) and "refs" in st_k:
-                        for _, url, offset, index in decode_refs(st_k):
+                        for _, url, offset, index in decode_refs(st_k, resolve):
                             refs.setdefault(url, []).append((offset, index))
     for url, places in sorted(refs.items()):
         places.sort()

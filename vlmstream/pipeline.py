@@ -240,9 +240,9 @@ class Pipeline(torch.utils.data.IterableDataset):
     def rematerialize(self, refs_state: Mapping[str, Any], upto: int) -> list[Any]:
         """Buffered samples fetched again by reference (through their stream's reader, under vs.mix), then
         passed through the one-in-one-out stages (decode, tokenize) between the producer and stage `upto`."""
-        from .refs import decode_refs
+        from .refs import decode_refs, url_resolver
 
-        refs = decode_refs(refs_state)
+        refs = decode_refs(refs_state, url_resolver(self))  # states hold URLs redacted
         producer = self._producer_index()
         found: dict[tuple[Any, str, int], Any] = {}
         for source in {r[0] for r in refs}:
