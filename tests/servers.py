@@ -113,6 +113,7 @@ class FaultPlan:
 
     faults: dict[tuple[str, int], Fault] = field(default_factory=dict)
     log: list[tuple[str, int, int]] = field(default_factory=list)
+    token: str | None = None  # if set, a request whose query lacks token=<this> is answered 403
     counts: Counter = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -131,7 +132,13 @@ def _handler(root: str, plan: FaultPlan) -> type:
             pass
 
         def do_GET(self) -> None:
-            path = self.path.split("?")[0]
+            path, _, query = self.path.partition("?")
+            if plan.token is not None and f"token={plan.token}" not in query.split("&"):
+                plan.log.append((path, 0, 403))
+                self.send_response(403)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             fault = plan.next(path)
             file = os.path.join(root, path.lstrip("/"))
             if not os.path.isfile(file):
