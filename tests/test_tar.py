@@ -137,6 +137,15 @@ def test_grouping_matches_webdataset(layout, format, gz, trickle):
         data = gzip.compress(data)
     want, want_err = theirs(data)
     got, err = ours(data, stream=Trickle(data) if trickle else None)
+    if isinstance(err, TarError) and "appears again" in str(err):
+        # A key seen earlier in the shard: webdataset makes a second sample with it (half of each); we refuse it,
+        # keeping every sample before it.
+        assert got == want[: len(got)]
+        if len(want) > len(got):
+            assert want[len(got)]["__key__"] in {s["__key__"] for s in got}
+        else:  # webdataset raised inside that very sample (a duplicate extension in it)
+            assert want_err is not None
+        return
     assert got == want
     assert (err is None) == (want_err is None), (err, want_err)
     if err is not None:
@@ -357,7 +366,7 @@ def test_reserved_extensions_raise(ext):
 def test_max_member_bytes():
     data = make_tar([("a.txt", b"small"), ("b.jpg", b"x" * 5000)])
     stream = Trickle(data, step=4096)
-    with pytest.raises(TarError, match=r"offset 1024: member 'b.jpg' is 5000 bytes, over max_member_bytes=4096"):
+    with pytest.raises(TarError, match=r"offset 1024: key 'b': member 'b.jpg' is 5000 bytes, over max_member_bytes=4096"):
         list(read_tar_samples(stream, URL, max_member_bytes=4096))
     assert stream.largest_read < 5000  # refused before reading it
     assert len(list(read_tar_samples(io.BytesIO(data), URL, max_member_bytes=5000))) == 2
