@@ -34,6 +34,7 @@ class ShardSpec:
     url: str
     samples: int | None = None  # known from a manifest
     sha256: str | None = None
+    bytes: int | None = None
 
 
 def _is_url(s: str) -> bool:
@@ -91,7 +92,7 @@ def _from_manifest(url: str, data: bytes) -> list[ShardSpec]:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{url}: invalid manifest JSON: {e}") from None
-    return [ShardSpec(_join(url, s.url), s.samples, s.sha256) for s in parse_manifest(doc, url)]
+    return [ShardSpec(_join(url, s.url), s.samples, s.sha256, s.bytes) for s in parse_manifest(doc, url)]
 
 
 def _list_hf(url: str, token: str | bool | None) -> list[ShardSpec]:

@@ -1,0 +1,7 @@
+"""``python -m vlmstream inspect ...`` / ``python -m vlmstream bench ...``: the same as the `vlmstream` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
