@@ -1,0 +1,511 @@
+"""`vlmstream bench SHARDS`: how fast your shards stream, stage by stage and end to end, on your machine.
+
+    vlmstream bench shards/index.json --job 224 --workers 4 --out bench-out/
+    vlmstream bench "https://host/ds/shard-{000000..000015}.tar" --job vlm --tokenizer tokenizer.json
+
+Runs, in this order (each pass reads the whole shard list, or ``--max-shards`` of it):
+
+  tar        shards -> split -> fetch -> tar_samples in this process: tar reading alone (the I/O and parsing limit)
+  stages     the job's chain in this process (no DataLoader), with the pipeline's telemetry on: each stage's own
+             time gives its samples/s and MB/s (how fast it would go alone) and the bottleneck
+  loader     the job end to end through vs.Loader(num_workers=W): samples/s, MB/s, time to the first batch,
+             requests made by then (HTTP), peak RSS of the process and its workers
+  limit      W processes decoding the first --limit-samples images from memory with the job's transform: the
+             bare decode limit (no tar, no HTTP, no batching, no IPC)
+  overhead   (``--overhead``) the in-process chain with telemetry on and off, alternating: its cost
+
+The jobs: ``224``: every image decoded and resized to [3, size, size] uint8 (`vs.Resize`), the first image of
+each sample batched by ``--batch`` (32). ``vlm``: `vs.ImageTiles(tile, max_side)` -> `vs.tokenize` ->
+`vs.pack(seq_len, max_images)` -> `vs.batch` (8); needs ``--tokenizer``.
+Writes OUT/bench.md (a markdown table), OUT/bench.json and OUT/bench.png (a chart; needs matplotlib, the
+``bench`` extra). ``--suite`` runs the project's own benchmarks instead (tools/bench_suite.py, docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+JOBS = ("224", "vlm")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("shards", nargs="*", help="your shards: a manifest, brace pattern, glob, URL or hf:// spec")
+    p.add_argument("--job", choices=JOBS, default="224", help="224: decode + resize + batch; vlm: tiles, "
+                   "tokenize, pack, batch")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (and decode-limit processes)")
+    p.add_argument("--batch", type=int, help="batch size (224: 32, vlm: 8)")
+    p.add_argument("--size", type=int, default=224, help="224 job: image side")
+    p.add_argument("--shuffle", type=int, default=0, help="shuffle buffer after tar_samples (0: none)")
+    p.add_argument("--tokenizer", help="vlm job: tokenizer.json path or Hub model id")
+    p.add_argument("--template", default="chatml")
+    p.add_argument("--image-token-length", type=int, default=64)
+    p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--max-side", type=int, default=1024)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--max-images", type=int, default=18)
+    p.add_argument("--max-shards", type=int, help="use only the first N shards of the list")
+    p.add_argument("--limit-samples", type=int, default=2000, help="images decoded by the decode-limit run")
+    p.add_argument("--no-limit", action="store_true", help="skip the decode-limit run")
+    p.add_argument("--overhead", action="store_true", help="also measure the telemetry's cost (on/off runs)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds of each measurement (best/median reported)")
+    p.add_argument("--out", default="bench-out", help="folder for bench.md, bench.json, bench.png")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    g = p.add_argument_group("the project's suite (--suite)")
+    g.add_argument("--suite", action="store_true", help="run the benchmarks of docs/BENCHMARKS.md on the "
+                   "project's corpus, with webdataset, Hugging Face datasets and the decode limit")
+    g.add_argument("--only", nargs="+", metavar="SECTION", help="suite sections: tar 224 vlm startup memory "
+                   "overhead (default: all)")
+    g.add_argument("--write-docs", metavar="MD", help="regenerate the suite's sections of this markdown file")
+    g.add_argument("--workdir", default="/tmp/vlmstream-bench", help="where the suite's corpus is built")
+    g.add_argument("--quick", action="store_true", help="suite: a small corpus and one round (a smoke test)")
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class PeakRSS(threading.Thread):
+    """Peak of the summed resident memory of this process and its children, sampled every 50 ms (Linux); else
+    this process's own peak from getrusage."""
+
+    def __init__(self, period: float = 0.05):
+        super().__init__(daemon=True)
+        self.period, self.stop_event, self.peak_kb = period, threading.Event(), 0
+        self.proc = os.path.exists("/proc/self/status")
+
+    def run(self) -> None:
+        me = os.getpid()
+        while self.proc and not self.stop_event.is_set():
+            self.peak_kb = max(self.peak_kb, sum(_rss_kb(p) for p in [me, *_children(me)]))
+            self.stop_event.wait(self.period)
+
+    def __enter__(self) -> "PeakRSS":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop_event.set()
+        self.join()
+        if not self.proc:
+            self.peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def first_image(sample: dict[str, Any]) -> dict[str, Any]:
+    """The 224 job's batchable sample: its first image (by member name) and its provenance."""
+    from .format import is_image_ext
+
+    names = sorted(k for k in sample if not k.startswith("__") and is_image_ext(k))
+    if not names:
+        raise ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')!r} has no image")
+    return {"__key__": sample["__key__"], "image": sample[names[0]]}
+
+
+def first_images(it: Any) -> Any:
+    for s in it:
+        yield first_image(s)
+
+
+class Job:
+    """The stages of a benchmark job over a shard list."""
+
+    def __init__(self, args: argparse.Namespace, urls: list[str]):
+        self.args, self.urls = args, urls
+        self.kind = args.job
+        self.batch = args.batch or (32 if self.kind == "224" else 8)
+        self.tok = None
+        if self.kind == "vlm":
+            from .cli import load_tokenizer
+
+            if not args.tokenizer:
+                raise SystemExit("the vlm job needs --tokenizer (a tokenizer.json or a Hub model id)")
+            self.tok = load_tokenizer(args.tokenizer, args.template, args.image_token_length)
+
+    def transform(self) -> Any:
+        import vlmstream as vs
+
+        if self.kind == "224":
+            return vs.Resize(self.args.size)
+        return vs.ImageTiles(tile=self.args.tile, max_side=self.args.max_side)
+
+    def reader(self) -> list[Any]:
+        import vlmstream as vs
+
+        return [vs.shards(self.urls, shuffle=False), vs.split_by_node(0, 1), vs.split_by_worker(), vs.fetch(),
+                vs.tar_samples()]
+
+    def stages(self) -> list[Any]:
+        import vlmstream as vs
+
+        a = self.args
+        out = self.reader()
+        if a.shuffle:
+            out.append(vs.shuffle(a.shuffle))
+        out.append(vs.decode(self.transform()))
+        if self.kind == "224":
+            out += [first_images, vs.batch(self.batch)]
+        else:
+            out += [vs.tokenize(self.tok, max_len=a.seq_len), vs.pack(a.seq_len, max_images=a.max_images),
+                    vs.batch(self.batch)]
+        return out
+
+    def pipeline(self, telemetry: bool = True, stages: list[Any] | None = None) -> Any:
+        import vlmstream as vs
+
+        return vs.Pipeline(*(stages or self.stages()), rank=0, world_size=1, telemetry=telemetry)
+
+
+def run_tar(job: Job) -> dict[str, Any]:
+    pipe = job.pipeline(stages=job.reader())
+    t0 = time.perf_counter()
+    n = sum(1 for _ in pipe)
+    took = time.perf_counter() - t0
+    r = pipe.stats()
+    return {"samples": n, "s": took, "bytes": r.bytes, "requests": _requests(r)}
+
+
+def _requests(report: Any) -> int | None:
+    try:
+        return int(report.stage("fetch").stats["requests"])
+    except (KeyError, TypeError):
+        return None
+
+
+def run_stages(job: Job, telemetry: bool = True) -> dict[str, Any]:
+    pipe = job.pipeline(telemetry)
+    c0, t0 = time.process_time(), time.perf_counter()
+    batches = sum(1 for _ in pipe)
+    took, cpu = time.perf_counter() - t0, time.process_time() - c0
+    out = {"s": took, "cpu_s": cpu, "batches": batches}
+    if telemetry:
+        r = pipe.stats()
+        out.update(samples=r.samples(), bytes=r.bytes, report=r.as_dict())
+    return out
+
+
+def run_loader(job: Job) -> dict[str, Any]:
+    import vlmstream as vs
+
+    loader = vs.Loader(job.pipeline(), num_workers=job.args.workers)
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        first = None
+        requests_first = None
+        for _ in loader:
+            if first is None:
+                first = time.perf_counter() - t0
+                requests_first = _requests(loader.stats())
+        took = time.perf_counter() - t0
+    r = loader.stats()
+    return {"s": took, "first_batch_s": first, "samples": r.samples(), "bytes": r.bytes,
+            "requests": _requests(r), "requests_by_first_batch": requests_first, "peak_rss_mib": rss.peak_kb / 1024,
+            "summary": r.summary(), "report": r.as_dict()}
+
+
+def _limit_worker(images: list[bytes], transform: Any, draft: Any, done: Any) -> None:
+    import torch
+
+    from .decode import open_image
+
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    c0, t0 = time.process_time(), time.perf_counter()
+    for data in images:
+        transform(open_image(data, draft))
+    done.put((len(images), time.perf_counter() - t0, time.process_time() - c0))
+
+
+def run_limit(job: Job) -> dict[str, Any]:
+    """The job's image transform on images already in memory, in `workers` forked processes."""
+    from .format import is_image_ext
+
+    images: list[bytes] = []
+    nbytes = 0
+    for s in job.pipeline(telemetry=False, stages=job.reader()):
+        for k in sorted(s):
+            if not k.startswith("__") and is_image_ext(k):
+                images.append(s[k])
+        nbytes += sum(len(v) for v in s.values() if isinstance(v, bytes))
+        if len(images) >= job.args.limit_samples:
+            break
+    transform = job.transform()
+    draft = getattr(transform, "draft_size", None)
+    w = max(1, job.args.workers)
+    ctx = mp.get_context("fork")
+    done = ctx.Queue()
+    procs = [ctx.Process(target=_limit_worker, args=(images[i::w], transform, draft, done)) for i in range(w)]
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    got = [done.get() for _ in procs]
+    took = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    return {"images": len(images), "s": took, "processes": w, "bytes": nbytes,
+            "cpu_ms_per_image": 1e3 * sum(g[2] for g in got) / max(1, len(images))}
+
+
+def run_overhead(job: Job, rounds: int) -> dict[str, Any]:
+    """The in-process chain with telemetry on and off, alternating (on, off, off, on, ...)."""
+    on, off = [], []
+    for r in range(rounds):
+        for flag in ((True, False) if r % 2 == 0 else (False, True)):
+            (on if flag else off).append(run_stages(job, telemetry=flag))
+    return overhead_figures(on, off)
+
+
+def overhead_figures(on: list[dict[str, Any]], off: list[dict[str, Any]]) -> dict[str, Any]:
+    med = statistics.median
+    wall_on, wall_off = med(x["s"] for x in on), med(x["s"] for x in off)
+    cpu_on, cpu_off = med(x["cpu_s"] for x in on), med(x["cpu_s"] for x in off)
+    # runs of a pair are adjacent in time: their ratio cancels most of a shared machine's drifting load
+    pair_wall = [a["s"] / b["s"] - 1 for a, b in zip(on, off)]
+    pair_cpu = [a["cpu_s"] / b["cpu_s"] - 1 for a, b in zip(on, off)]
+    return {"rounds": len(on), "wall_s_on": wall_on, "wall_s_off": wall_off, "cpu_s_on": cpu_on, "cpu_s_off": cpu_off,
+            "best_wall_s_on": min(x["s"] for x in on), "best_wall_s_off": min(x["s"] for x in off),
+            "wall_overhead": med(pair_wall), "cpu_overhead": med(pair_cpu), "pairs_wall": pair_wall,
+            "pairs_cpu": pair_cpu, "best_wall_overhead": min(x["s"] for x in on) / min(x["s"] for x in off) - 1}
+
+
+def machine() -> dict[str, Any]:
+    """What the figures ran on."""
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) / 1024**2
+    except (OSError, ValueError, IndexError):
+        mem = None
+    import vlmstream
+
+    return {"cpu": cpu, "cores": cores, "memory_gib": round(mem, 1) if mem else None, "os": platform.system(),
+            "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,
+            "vlmstream": vlmstream.__version__, "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    return (f"{m['cores']} CPU cores ({m['cpu']}), {m.get('memory_gib') or '?'} GiB, {m['os']} {m['kernel']}, "
+            f"Python {m['python']}, torch {m['torch']}; load average {m['loadavg'][0]} at the start")
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def rows_of(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Table rows: what, samples/s, MB/s, notes."""
+    rows = []
+
+    def row(what: str, samples: float | None, nbytes: float | None, s: float, note: str = "") -> None:
+        rows.append({"what": what, "samples_per_s": samples / s if samples and s else None,
+                     "mb_per_s": nbytes / s / 1e6 if nbytes and s else None, "note": note})
+
+    t = res.get("tar")
+    if t:
+        row("tar reading alone (1 process)", t["samples"], t["bytes"], t["s"], f"{t['s']:.2f} s")
+    st = res.get("stages")
+    if st:
+        rep = st["report"]
+        total = sum(x["own_s"] for x in rep["stages"]) or 1.0
+        for x in rep["stages"]:
+            if x["name"] in ("shards", "split_by_node", "split_by_worker"):
+                continue
+            samples = st["samples"] if x["items_out"] else None
+            row(f"stage {x['name']} (own time, 1 process)", samples, st["bytes"], x["own_s"],
+                f"{x['own_s'] / total:.0%} of stage time; {x['items_out']:,} out")
+        row(f"the {res['job']} job in 1 process (0 workers)", st["samples"], st["bytes"], st["s"],
+            f"bottleneck: {rep['bottleneck']}")
+    ld = res.get("loader")
+    if ld:
+        req = ld["requests_by_first_batch"]
+        note = (f"first batch {ld['first_batch_s']:.2f} s" + (f", {req} requests by then, {ld['requests']} in all"
+                if req is not None and ld["requests"] else "") + f"; peak RSS {ld['peak_rss_mib']:,.0f} MiB")
+        row(f"end to end, vs.Loader({res['workers']} workers)", ld["samples"], ld["bytes"], ld["s"], note)
+    lim = res.get("limit")
+    if lim:
+        per_image = lim["bytes"] / lim["images"] if lim["images"] else 0
+        row(f"decode limit ({lim['processes']} processes, images in memory)", lim["images"],
+            per_image * lim["images"], lim["s"], f"{lim['cpu_ms_per_image']:.2f} CPU ms/image")
+    return rows
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [f"`{res['command']}`", "", f"{res['samples']:,} samples in {res['shards']} shards "
+             f"({res['bytes'] / 1e6:,.1f} MB); job: {res['job_text']}", "",
+             "| measurement | samples/s | MB/s | notes |", "|---|---:|---:|---|"]
+    for r in rows_of(res):
+        sps = f"{r['samples_per_s']:,.0f}" if r["samples_per_s"] else "-"
+        mbs = f"{r['mb_per_s']:,.1f}" if r["mb_per_s"] else "-"
+        lines.append(f"| {r['what']} | {sps} | {mbs} | {r['note']} |")
+    ov = res.get("overhead")
+    if ov:
+        lines += ["", f"Telemetry overhead (in-process chain, {ov['rounds']} on/off pairs, median of the pairs): "
+                  f"wall {ov['wall_overhead']:+.2%}, CPU {ov['cpu_overhead']:+.2%}."]
+    if res.get("loader"):
+        lines += ["", f"Telemetry: {res['loader']['summary']}"]
+    lines += ["", f"Machine: {machine_line(res['machine'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def chart(res: dict[str, Any], path: str) -> str | None:
+    """A PNG: samples/s of each measurement (log scale) and the stages' shares of the time."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in rows_of(res) if r["samples_per_s"]]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 2), gridspec_kw={"width_ratios": [3, 2]})
+    ax = axes[0]
+    names = [r["what"] for r in rows][::-1]
+    vals = [r["samples_per_s"] for r in rows][::-1]
+    colors = ["#d9822b" if "end to end" in n else "#5b8bd0" if n.startswith("stage") else "#888888" for n in names]
+    ax.barh(names, vals, color=colors)
+    ax.set_xscale("log")
+    ax.set_xlabel("samples/s (log scale)")
+    for y, v in enumerate(vals):
+        ax.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
+    ax.set_title(f"{res['job_text']}", fontsize=9)
+    ax2 = axes[1]
+    st = res.get("stages")
+    if st:
+        total = sum(x["own_s"] for x in st["report"]["stages"]) or 1.0
+        stages = [x for x in st["report"]["stages"] if x["own_s"] / total >= 0.002]
+        ax2.barh([x["name"] for x in stages][::-1], [x["own_s"] / total * 100 for x in stages][::-1], color="#5b8bd0")
+        ax2.set_xlabel("% of stage time (telemetry)")
+        ax2.set_title(f"bottleneck: {st['report']['bottleneck']}", fontsize=9)
+    else:
+        ax2.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bench_shards(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    from .progress import bar
+    from .shardlist import resolve
+
+    spec = args.shards[0] if len(args.shards) == 1 else list(args.shards)
+    specs = resolve(spec)
+    if args.max_shards:
+        specs = specs[: args.max_shards]
+    urls = [s.url for s in specs]
+    job = Job(args, urls)
+    rounds = args.rounds or 1
+    res: dict[str, Any] = {"command": command, "spec": spec, "shards": len(urls), "job": args.job,
+                           "workers": args.workers, "machine": machine()}
+    res["job_text"] = (f"every image decoded and resized to {args.size}x{args.size} uint8, batches of {job.batch}"
+                       if args.job == "224" else
+                       f"ImageTiles({args.tile}, {args.max_side}) -> tokenize({args.seq_len}) -> pack({args.seq_len}, "
+                       f"max_images={args.max_images}) -> batch({job.batch})")
+    steps: list[tuple[str, Callable[[], Any]]] = [("tar", lambda: run_tar(job)), ("stages", lambda: run_stages(job)),
+                                                   ("loader", lambda: run_loader(job))]
+    if not args.no_limit:
+        steps.append(("limit", lambda: run_limit(job)))
+    if args.overhead:
+        steps.append(("overhead", lambda: run_overhead(job, max(2, rounds))))
+    with bar(total=len(steps) * (rounds if rounds > 1 else 1), desc="bench", unit="run", enabled=args.progress) as pb:
+        for name, fn in steps:
+            runs = []
+            for _ in range(1 if name == "overhead" else rounds):
+                pb.set_postfix_str(name)
+                runs.append(fn())
+                pb.update(1)
+            res[name] = min(runs, key=lambda r: r.get("s", 0)) if name != "overhead" else runs[0]
+            if name != "overhead" and len(runs) > 1:
+                res[name]["runs_s"] = [r["s"] for r in runs]
+    res["samples"] = res["tar"]["samples"]
+    res["bytes"] = res["tar"]["bytes"]
+    return res
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    command = "vlmstream bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "vlmstream bench ..."
+    if args.suite:
+        return run_suite(args)
+    if not args.shards:
+        raise SystemExit("vlmstream bench: give your shards (a manifest, pattern or URL), or --suite")
+    res = bench_shards(args, command)
+    os.makedirs(args.out, exist_ok=True)
+    md = markdown(res)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    png = chart(res, os.path.join(args.out, "bench.png"))
+    if args.json:
+        print(json.dumps(res, indent=1, default=str))
+    else:
+        print(md, end="")
+        print(f"\nwrote {os.path.join(args.out, 'bench.md')}, bench.json"
+              + (", bench.png" if png else " (no chart: pip install matplotlib, or the [bench] extra)"))
+    return 0
+
+
+def tools_dir() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(here, "tools")
+
+
+def run_suite(args: argparse.Namespace) -> int:
+    """The project's benchmarks (tools/bench_suite.py of a checkout of the repository)."""
+    import importlib.util
+
+    path = os.path.join(tools_dir(), "bench_suite.py")
+    if not os.path.exists(path):
+        raise SystemExit(f"--suite needs a checkout of the vlmstream repository (no {path}); "
+                         "`vlmstream bench SHARDS` benchmarks your own shards anywhere")
+    sys.path.insert(0, tools_dir())
+    spec = importlib.util.spec_from_file_location("bench_suite", path)
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod.main_from_args(args)
+
+
+__all__ = ["add_arguments", "bench_shards", "chart", "machine", "main_from_args", "markdown", "overhead_figures"]
