@@ -145,3 +145,24 @@ def test_merge_keeps_settings_and_derives_fill():
     assert (r.slots, r.wall_s, r.stages[0].items_out) == (2, 2.0, 3)
     with pytest.raises(ValueError, match="different pipelines"):
         merge([a, {**b, "names": ["batch"]}])
+
+
+def test_errors_skipped_by_a_library_stage_are_surfaced(tmp_path):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, "PNG")
+    w = ShardWriter(str(tmp_path), maxcount=100)
+    for i in range(6):
+        w.write(f"{i:06d}", [("png", buf.getvalue() if i % 3 else b"not an image"), ("txt", b"x")])
+    infos = w.close()
+    write_manifest(str(tmp_path / "index.json"), infos)
+    pipe = chain(str(tmp_path / "index.json"), vs.decode("uint8", on_error="skip"))
+    assert len(list(pipe)) == 4
+    r = pipe.stats()
+    d = r.stage("decode")
+    assert (d.items_in, d.items_out, d.skipped) == (6, 4, 2)
+    assert d.stats["skipped"] == {"corrupt_image": 2} and "errors" not in d.stats  # numbers only, no messages
+    assert "2 skipped" in r.summary()
