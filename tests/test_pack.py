@@ -58,3 +58,15 @@ def test_stage_packs_everything_exactly_once_under_budget():
     batch = vs.batch(4, pad_to=256)(iter(out))
     first = next(batch)
     assert first["input_ids"].shape == first["position_ids"].shape == (4, 256)
+
+
+@given(st.lists(st.tuples(st.integers(1, 120), st.integers(0, 3)), max_size=80), st.integers(120, 400),
+       st.integers(3, 8), st.integers(1, 40))
+def test_the_stage_packs_every_sample_exactly_once_under_both_budgets(items, seq_len, max_images, buffer):
+    samples = [fake(f"{i:03d}", n, k) for i, (n, k) in enumerate(items)]
+    stage = vs.pack(seq_len, max_images=max_images, buffer=buffer)
+    out = list(stage(iter(samples)))
+    assert sorted(k for p in out for k in p["__keys__"]) == sorted(s["__key__"] for s in samples)
+    for p in out:
+        assert len(p["input_ids"]) == len(p["labels"]) == len(p["position_ids"]) <= seq_len
+        assert len(p["images"]) <= max_images

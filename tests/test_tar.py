@@ -439,3 +439,55 @@ def test_samples_never_span_shards(tmp_path):
            for s in tar_samples()({"url": p, "stream": open(p, "rb")} for p in paths)]
     assert got == list(wds.tarfile_to_samples()([{"url": p} for p in paths]))
     assert [s["__key__"] for s in got] == ["k", "k"]
+
+
+# ------------------------------------------------------------------------- property: broken shards
+
+
+def _shard(n: int, sizes: list[int]) -> tuple[bytes, list[dict]]:
+    members = [m for i in range(n) for m in ((f"k{i:03d}.json", b'{"i": %d}' % i), (f"k{i:03d}.jpg", bytes([i]) * sizes[i % len(sizes)]))]
+    data = make_tar(members, format=tarfile.USTAR_FORMAT)
+    return data, ours(data)[0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 8), sizes=st.lists(st.integers(0, 1500), min_size=1, max_size=4), cut=st.floats(0, 1),
+       gz=st.booleans(), trickle=st.booleans())
+def test_a_truncated_shard_yields_a_prefix_then_errors_or_skips(n, sizes, cut, gz, trickle):
+    """Wherever a shard is cut, what comes out is an exact prefix of its samples, then a TarError (raise) or a
+    count of the samples lost (skip): never a partial or altered sample, never another exception."""
+    data, full = _shard(n, sizes)
+    if gz:
+        data = gzip.compress(data)
+    cut = int(len(data) * cut)
+    part = data[:cut]
+    got, err = ours(part, stream=Trickle(part) if trickle else None)
+    assert got == full[: len(got)]
+    assert err is None or isinstance(err, TarError), err
+    if err is None:
+        assert got == full  # only the archive's zero padding was cut
+    stage = tar_samples(on_error="skip")
+    item = {"url": URL, "stream": Trickle(part) if trickle else io.BytesIO(part), "samples": n}
+    skipped = [{k: v for k, v in s.items() if k not in PROVENANCE} for s in stage([item])]
+    assert skipped == got
+    assert stage.stats.samples_lost == n - len(got)
+    assert sum(stage.stats.skipped.values()) == (err is not None)
+    if err is not None:
+        assert set(stage.stats.skipped) <= {"truncated", "bad_header"}, stage.stats.skipped
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 6), at=st.floats(0, 1), garbage=st.binary(min_size=1, max_size=64))
+def test_garbage_anywhere_never_raises_anything_but_a_tar_error(n, at, garbage):
+    """Bytes overwritten anywhere: raise mode raises only TarError; skip mode never raises, counts what it
+    skipped, and yields each index at most once, in order."""
+    data, full = _shard(n, [700])
+    pos = int((len(data) - 1) * at)
+    bad = data[:pos] + garbage + data[pos + len(garbage):]
+    got, err = ours(bad[: len(data)])
+    assert err is None or isinstance(err, TarError), repr(err)
+    stage = tar_samples(on_error="skip", max_member_bytes=1 << 20)
+    out = list(stage([{"url": URL, "stream": io.BytesIO(bad[: len(data)]), "samples": n}]))
+    indexes = [s["__index__"] for s in out]
+    assert indexes == sorted(set(indexes))
+    assert (sum(stage.stats.skipped.values()) > 0) or err is None
