@@ -183,8 +183,9 @@ def test_python_m_vlmstream_and_the_suite_docs_writer(tmp_path):
                                                           "loadavg": [1.0]},
            "sections": {"startup": {"first_batch": {"vlmstream": {"first_batch_s": 0.5, "requests": 9,
                                                                   "requests_before_first_batch": 3}}}}}
-    assert bench_suite.update_docs(str(doc), res) == ["startup"]
+    assert bench_suite.update_docs(str(doc), res) == ["startup", "summary"]
     text = doc.read_text()
+    assert json.loads((tmp_path / "B.json").read_text())["sections"]["startup"]["first_batch"]  # kept for the summary
     assert "prose stays" in text and "more prose" in text and "\nold\n" in text  # untouched: not in this run
     assert "<!-- vlmstream-bench:startup -->" in text and "| vlmstream | 0.50 | 3 (9) |" in text
     assert "Reproduce: `vlmstream bench --suite --only startup`" in text

@@ -166,3 +166,16 @@ def test_errors_skipped_by_a_library_stage_are_surfaced(tmp_path):
     assert (d.items_in, d.items_out, d.skipped) == (6, 4, 2)
     assert d.stats["skipped"] == {"corrupt_image": 2} and "errors" not in d.stats  # numbers only, no messages
     assert "2 skipped" in r.summary()
+
+
+def test_ranks_merge_sums_counts_and_keeps_the_longest_wall():
+    def rank(items, wall, wait):
+        return {"names": ["tar_samples", "batch"], "stages": [[items, 1.0, 10, None], [items // 2, 2.0, 0, None]],
+                "wall_s": wall, "state_s": 0.0, "slots": 2,
+                "loader": {"ranks": 1, "batches": items // 2, "wall_s": wall, "wait_s": wait, "first_batch_s": 0.5,
+                           "workers": 2}}
+
+    r = Report.from_raw(merge([rank(100, 10.0, 1.0), rank(60, 8.0, 4.0)]))
+    assert (r.slots, r.stage("tar_samples").items_out, r.bytes, r.wall_s) == (4, 160, 20, 10.0)
+    assert r.loader["ranks"] == 2 and r.loader["wall_s"] == 10.0 and r.loader["batches"] == 80
+    assert "in 10.0 s" in r.summary() and "waited on data 28% of its time" in r.summary()  # 5 s of 18 s

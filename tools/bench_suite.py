@@ -57,10 +57,11 @@ class Config:
         self.quick = q
         self.workdir = args.workdir
         self.shards, self.per_shard = (4, 200) if q else (8, 1000)
-        self.rounds = args.rounds or (1 if q else 3)
+        self.rounds = args.rounds or (1 if q else 2)
         self.workers = args.workers
-        self.vlm_shards, self.vlm_per_shard = (2, 50) if q else (4, 250)
-        self.repeat = 2 if q else 10
+        self.vlm_shards, self.vlm_per_shard = (2, 50) if q else (4, 50)  # tiles cost ~0.1-0.2 s a sample here
+        self.repeat = 2 if q else 5
+        self.small = (4, 200)  # the overhead runs: short, so that many on/off pairs fit
         self.progress = args.progress
 
     def corpus_args(self) -> list[str]:
@@ -351,7 +352,7 @@ def md_startup(r: dict[str, Any]) -> str:
 
 
 def section_memory(cfg: Config) -> dict[str, Any]:
-    argv = [*cfg.corpus_args(), "--memory", "--repeat", str(cfg.repeat), "--rounds", "1" if cfg.quick else "2"]
+    argv = [*cfg.corpus_args(), "--memory", "--repeat", str(cfg.repeat), "--rounds", "1"]
     res = run_tool("bench_pipeline.py", *argv)
     res["command"] = "vlmstream bench --suite --only memory"
     res["tool_command"] = "python tools/bench_pipeline.py " + " ".join(argv[6:])
@@ -458,10 +459,10 @@ def _section_overhead(cfg: Config) -> dict[str, Any]:
 
     import vlmstream as vs
 
-    paths = bp.build_corpus(cfg.workdir, cfg.shards, cfg.per_shard)
+    paths = bp.build_corpus(cfg.workdir, *cfg.small)
     manifest, _ = bp.write_manifests(paths, cfg.repeat)
     spec = os.path.join(os.path.dirname(paths[0]), manifest)
-    rounds = 2 if cfg.quick else max(4, cfg.rounds)
+    rounds = 2 if cfg.quick else 4
     out: dict[str, Any] = {"command": "vlmstream bench --suite --only overhead", "rounds": rounds}
     out["passthrough"] = passthrough_cost(100_000 if cfg.quick else 300_000)
 
@@ -491,8 +492,9 @@ def _section_overhead(cfg: Config) -> dict[str, Any]:
             def pipe_vlm(flag: bool) -> Any:
                 return vs.Pipeline(*mod.stages(index, tok, "float"), rank=0, world_size=1, telemetry=flag)
 
-            out["vlm_in_process"] = _on_off(lambda f: (lambda: iter(pipe_vlm(f))), lambda b: len(b["__key__"]),
-                                            rounds, pb, "vlm in-process")
+            out["vlm_in_process"] = _on_off(lambda f: (lambda: iter(pipe_vlm(f))),
+                                            lambda b: sum(k.count("+") + 1 for k in b["__key__"]), rounds, pb,
+                                            "vlm in-process")
         # the items the timers saw in the 224 job (every stage's output), from a run with telemetry on
         p = pipe_224(True)
         for _ in p:
@@ -591,17 +593,18 @@ def section_md(name: str, r: dict[str, Any], res: dict[str, Any]) -> str:
     body = RENDER[name](r)
     cmd = r.get("command", f"vlmstream bench --suite --only {name}")
     extra = f" (runs `{r['tool_command']}`)" if r.get("tool_command") else ""
-    return (f"{body}\n\nReproduce: `{cmd}`{extra}.\nMachine: {machine_line(res['machine'])}; "
-            f"measured {res['started'][:10]}.")
+    m, when = r.get("machine", res["machine"]), r.get("started", res["started"])
+    took = f", in {r['seconds']:,.0f} s" if "seconds" in r else ""
+    return f"{body}\n\nReproduce: `{cmd}`{extra}.\nMachine: {machine_line(m)}; measured {when[:10]}{took}."
 
 
 def summary_md(res: dict[str, Any]) -> str:
     lines = ["| figure | value | command |", "|---|---|---|"]
     for a, b, c in summary_rows(res):
         lines.append(f"| {a} | {b} | `{c}` |")
-    lines += ["", f"Machine: {machine_line(res['machine'])}; measured {res['started'][:10]}. "
-              "`vlmstream bench --suite --write-docs docs/BENCHMARKS.md` reruns every figure on this page and "
-              "rewrites its tables."]
+    lines += ["", f"Machine: {machine_line(res['machine'])}; measured {res['started'][:10]} (each section below "
+              "names its own run). `vlmstream bench --suite --write-docs docs/BENCHMARKS.md` reruns every figure on "
+              "this page and rewrites its tables; the figures are kept in docs/BENCHMARKS.json."]
     return "\n".join(lines)
 
 
@@ -613,12 +616,23 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def update_docs(path: str, res: dict[str, Any]) -> list[str]:
-    """Rewrite the blocks between this run's sections' markers (and the summary); a section without markers is
-    appended at the end with its heading. Returns the sections written."""
+    """Rewrite the blocks between this run's sections' markers, and the summary from every section measured so
+    far (kept beside the page: PATH with .json for .md); a section without markers is appended at the end with
+    its heading. Returns the blocks written."""
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    store = os.path.splitext(path)[0] + ".json"
+    merged = {"sections": {}}
+    if os.path.exists(store):
+        with open(store) as f:
+            merged = json.load(f)
+    merged = {**merged, "started": res["started"], "machine": res["machine"],
+              "sections": {**merged.get("sections", {}), **res["sections"]}}
+    with open(store + ".tmp", "w") as f:
+        json.dump(merged, f, indent=1, default=str)
+    os.replace(store + ".tmp", store)
     blocks = {name: section_md(name, r, res) for name, r in res["sections"].items()}
-    if MARK.format("summary") in text or not os.path.exists(path):
-        blocks["summary"] = summary_md(res)
+    png = chart(merged, os.path.splitext(path)[0] + ".png")
+    blocks["summary"] = summary_md(merged) + (f"\n\n![benchmark chart]({os.path.basename(png)})" if png else "")
     done = []
     for name, body in blocks.items():
         start, end = MARK.format(name), END.format(name)
@@ -701,8 +715,9 @@ def main_from_args(args: argparse.Namespace) -> int:
     for name in [s for s in SECTIONS if s in sections]:
         t0 = time.perf_counter()
         print(f"[suite] {name} ...", file=sys.stderr, flush=True)
+        m, started = machine(), datetime.datetime.now().isoformat(timespec="seconds")
         res["sections"][name] = runners[name]()
-        res["sections"][name]["seconds"] = round(time.perf_counter() - t0, 1)
+        res["sections"][name].update(seconds=round(time.perf_counter() - t0, 1), machine=m, started=started)
     res["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     res["loadavg_end"] = list(os.getloadavg())
     os.makedirs(args.out, exist_ok=True)

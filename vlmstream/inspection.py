@@ -271,7 +271,7 @@ def inspect_shards(spec: str | Sequence[str], *, tokenizer: Any = None, tile: in
                    ) -> Inspection:
     """Read every shard once: the dataset's shape, each shard checked against its manifest entry, and ``pick``
     samples kept for a contact sheet (a seeded reservoir sample, or the first ones with ``first=True``)."""
-    from .fetch import open_url
+    from .fetch import FetchOptions, FetchStats, HTTPClient, open_url
     from .progress import bar
     from .shardlist import resolve
     from .tar import read_tar_samples
@@ -285,6 +285,7 @@ def inspect_shards(spec: str | Sequence[str], *, tokenizer: Any = None, tile: in
     rng = random.Random(seed)
     picked: list[dict[str, Any]] = []
     checks = []
+    client = HTTPClient(FetchOptions(), FetchStats())  # one keep-alive connection per host for all the shards
     total = sum(s.bytes for s in specs) if all(s.bytes for s in specs) else None
     with bar(total=total or len(specs), desc="inspect", unit="B" if total else "shard", unit_scale=bool(total),
              enabled=progress) as pb:
@@ -293,7 +294,7 @@ def inspect_shards(spec: str | Sequence[str], *, tokenizer: Any = None, tile: in
                              expected_sha256=spec_.sha256)
             checks.append(chk)
             try:
-                with open_url(spec_.url, hf_token=hf_token) as f:
+                with open_url(spec_.url, client=client, hf_token=hf_token) as f:
                     r = HashingReader(f, verify)
                     for sample in read_tar_samples(r, spec_.url):
                         shape.add(sample, tokenizer)

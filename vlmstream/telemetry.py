@@ -196,7 +196,8 @@ def _merge_loader(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> d
     if not a or not b:
         return dict(a or b) if (a or b) else None
     return {"ranks": a.get("ranks", 1) + b.get("ranks", 1), "batches": a["batches"] + b["batches"],
-            "wall_s": a["wall_s"] + b["wall_s"], "wait_s": a["wait_s"] + b["wait_s"],
+            "wall_s": max(a["wall_s"], b["wall_s"]), "wait_s": a["wait_s"] + b["wait_s"],
+            "wall_sum_s": a.get("wall_sum_s", a["wall_s"]) + b.get("wall_sum_s", b["wall_s"]),
             "first_batch_s": max(a["first_batch_s"] or 0.0, b["first_batch_s"] or 0.0) or None,
             "workers": a.get("workers", 0) + b.get("workers", 0)}
 
@@ -328,7 +329,7 @@ class Report:
         if skipped:
             out += f"; {skipped:,} skipped"
         if ld.get("wall_s"):
-            share = ld["wait_s"] / ld["wall_s"]
+            share = ld["wait_s"] / ld.get("wall_sum_s", ld["wall_s"])  # over ranks: their mean share
             verdict = "data-bound" if share >= 0.1 else "the data keeps up"
             out += f"; the training loop waited on data {share:.0%} of its time ({verdict})"
         return out
