@@ -434,6 +434,9 @@ def group_samples(members: Iterable[tuple[str, bytes, int]], url: str, base_offs
                 if bad == "raise":
                     raise error
             seen.add(key)
+        if ext not in sample and error is None and type(data) is bytes and ext != "__bad__":
+            sample[ext] = data  # the usual case, tested first
+            continue
         if error is not None:
             continue  # the rest of a bad sample
         if type(data) is Oversized:
@@ -444,7 +447,7 @@ def group_samples(members: Iterable[tuple[str, bytes, int]], url: str, base_offs
             error = TarError(f"{url}: offset {offset}: key {key!r}: extension {ext!r} is {why} (member {name!r})",
                              reason="reserved_extension" if reserved else "duplicate_extension")
         else:
-            sample[ext] = data
+            sample[ext] = data  # bytes-like data of another type (bytearray, memoryview)
             continue
         if bad == "raise":
             raise error
