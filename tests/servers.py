@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -117,7 +118,8 @@ class FaultPlan:
     counts: Counter = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def next(self, path: str) -> Fault | None:
+    def next(self, path: str, range_header: str | None = None) -> Fault | None:
+        """The fault for this request (``range_header``: its Range header, for plans that care)."""
         with self.lock:
             n = self.counts[path]
             self.counts[path] += 1
@@ -139,7 +141,7 @@ def _handler(root: str, plan: FaultPlan) -> type:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-            fault = plan.next(path)
+            fault = plan.next(path, self.headers.get("Range"))
             file = os.path.join(root, path.lstrip("/"))
             if not os.path.isfile(file):
                 plan.log.append((path, 0, 404))
@@ -188,10 +190,17 @@ def _handler(root: str, plan: FaultPlan) -> type:
     return Handler
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client that gave up (a read timeout on a stall): expected here, not worth a traceback
+        super().handle_error(request, client_address)
+
+
 @contextlib.contextmanager
 def fault_server(root: str, plan: FaultPlan | None = None) -> Iterator[tuple[str, FaultPlan]]:
     plan = plan or FaultPlan()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(root, plan))
+    server = _Server(("127.0.0.1", 0), _handler(root, plan))
     server.daemon_threads = True
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
