@@ -15,19 +15,25 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
-# Debian packages the tests use: nginx serves shards over HTTP on loopback, GNU tar writes interop shards.
+# Debian packages the tests use: nginx serves shards over HTTP on loopback, GNU tar writes interop shards,
+# curl is how webdataset reads http:// URLs (the pipeline benchmark's webdataset contender).
 system-deps:
-	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 && command -v tar >/dev/null 2>&1 || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx tar >/dev/null; }
+	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 && command -v tar >/dev/null 2>&1 && \
+	  command -v curl >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx tar curl >/dev/null; }
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests
 
-demo: $(STAMP)
+# Pack easy-VQA into shards and stream them back (samples/s). The smoke training (tools/smoke_train.py) joins
+# it once it reaches its accuracy target in the time budget (issue 6).
+demo: $(STAMP) system-deps
 	$(BIN)/python tools/demo.py
 
 bench: $(STAMP) system-deps
 	$(BIN)/python tools/bench_tar.py
+	$(BIN)/python tools/bench_pipeline.py
+	$(BIN)/python tools/bench_pipeline.py --memory
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -75,17 +75,25 @@ class Block(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """A ViT in miniature: non-overlapping patches -> a linear embedding plus learned positions -> blocks."""
+    """A ViT in miniature with a convolutional stem ("early convolutions help transformers see better"): three
+    stride-2 3x3 convolutions turn each 8x8 patch into a feature (64x64 pixels -> 8x8 features), then learned
+    positions and a few bidirectional transformer blocks. Plain patchify (one 8x8 convolution) learns shapes
+    far more slowly from scratch."""
 
     def __init__(self, image_size: int, patch: int, dim: int, layers: int, heads: int):
         super().__init__()
-        self.patch = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+        stem, width = [], 3
+        for k in range(int(math.log2(patch))):  # patch 8: 3 stride-2 convolutions
+            out = dim if 2 ** (k + 1) == patch else dim // 2 ** (int(math.log2(patch)) - k - 1)
+            stem += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.GELU()]
+            width = out
+        self.stem = nn.Sequential(*stem[:-1])  # no activation after the last: it feeds the residual stream
         self.pos = nn.Parameter(torch.randn(1, (image_size // patch) ** 2, dim) * 0.02)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # [tiles, 3, H, W] in [0, 1]
-        x = self.patch(pixels * 2 - 1).flatten(2).transpose(1, 2) + self.pos  # [tiles, patches, dim]
+        x = self.stem(pixels * 2 - 1).flatten(2).transpose(1, 2) + self.pos  # [tiles, patches, dim]
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -136,40 +144,56 @@ class TinyVLM(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied input and output embeddings
+        # Weights ~ N(0, 1/fan_in): at this width GPT-2's fixed std 0.02 shrinks every layer's output ~6x, and
+        # the attention path from the image tokens to the answers starts so weak that it takes ages to learn.
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-                if getattr(m, "bias", None) is not None:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+                if m.bias is not None:
                     nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
 
     def forward(self, input_ids, images, attention_mask=None, targets=None, position_ids=None, sequence_id=None):
-        """Logits [B, L, vocab] and, with targets (labels already shifted, -100 ignored), the mean loss."""
+        """Logits [B, L, vocab], or with targets (labels already shifted, -100 ignored) the mean loss and the
+        logits of the target positions only [N, vocab]: all the loss needs (most positions have no target)."""
+        x = self.decode(input_ids, self.encode_images(images), attention_mask, position_ids, sequence_id)
+        if targets is None:
+            return self.head(x), None
+        where = targets != -100
+        logits = self.head(x[where])
+        return logits, F.cross_entropy(logits.float(), targets[where])
+
+    def encode_images(self, images) -> torch.Tensor:
+        """list (per row) of lists of [tiles, 3, H, W] -> [all tiles, image_token_length, dim], in token order."""
+        tiles = torch.cat([t for row in images for t in row])
+        return self.projector(self.vision(tiles))
+
+    def decode(self, input_ids, features, attention_mask=None, position_ids=None, sequence_id=None) -> torch.Tensor:
+        """The decoder's last hidden states: token embeddings with the image features in place of the image
+        tokens, plus positions, through the causal blocks."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:  # left padding: count positions from each row's first real token
             position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        tiles = torch.cat([t for row in images for t in row])  # in token order
-        features = self.projector(self.vision(tiles))  # [tiles, image_token_length, dim]
         x = self.embed(input_ids)
         is_image = (input_ids == self.image_token_id).unsqueeze(-1)
         x = x.masked_scatter(is_image, features.to(x.dtype)) + self.pos(position_ids)
         mask = attention_rules(attention_mask, sequence_id)
         for block in self.blocks:
             x = block(x, mask)
-        logits = self.head(self.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return logits, loss
+        return self.norm(x)
 
     @torch.no_grad()
     def generate(self, input_ids, images, attention_mask, max_new_tokens: int, end_id: int) -> torch.Tensor:
-        """Greedy decoding: append the most likely token until every row has produced `end_id`."""
+        """Greedy decoding: append the most likely token until every row has produced `end_id` (the images are
+        encoded once; the decoder runs again over the whole sequence each step: short answers, no KV cache)."""
+        features = self.encode_images(images)
         out = []
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            logits, _ = self(input_ids, images, attention_mask)
-            nxt = torch.where(done, end_id, logits[:, -1].argmax(-1))
+            logits = self.head(self.decode(input_ids, features, attention_mask)[:, -1])
+            nxt = torch.where(done, end_id, logits.argmax(-1))
             out.append(nxt)
             done |= nxt == end_id
             input_ids = torch.cat([input_ids, nxt[:, None]], 1)

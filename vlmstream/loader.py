@@ -194,6 +194,7 @@ class _LoaderTimes:
                 if self.first_batch_s is None:
                     self.first_batch_s = t1 - self.t0
             yield x
+            x = None
 
     def stop(self) -> None:
         self.t_end = perf_counter()

@@ -55,6 +55,7 @@ def timed(it: Iterable[Any], rec: StageTimer) -> Iterator[Any]:
         rec.seconds += clock() - t0
         rec.items += 1
         yield x
+        x = None  # hold no item while the next is made (a batch of tiles is megabytes)
 
 
 def timed_bytes(it: Iterable[Any], rec: StageTimer) -> Iterator[Any]:
@@ -80,6 +81,7 @@ def timed_bytes(it: Iterable[Any], rec: StageTimer) -> Iterator[Any]:
                     n += len(v)
             rec.bytes += n
         yield x
+        x = None
 
 
 def stage_name(stage: Any, k: int) -> str:
