@@ -1,7 +1,7 @@
 """Soak: a few hundred thousand samples through the full VLM chain with faults switched on, memory and open
 file descriptors sampled over time.
 
-    python tools/soak.py [--workdir /tmp/vlmstream-soak] [--shards 100] [--per-shard 1000] [--epochs 3]
+    python tools/soak.py [--workdir /tmp/vlmstream-soak] [--shards 75] [--per-shard 1000] [--epochs 4]
                          [--workers 2] [--fault-rate 0.3] [--interval 5] [--json soak.json]
 
 The corpus (built once under --workdir): --shards shards of --per-shard conversation samples, each a 32x32 JPEG
@@ -19,8 +19,8 @@ The chain, through vs.Loader(num_workers=--workers), one pass per epoch:
 
 Every epoch is checked: each good sample delivered exactly once, each bad one counted as skipped. A thread samples
 every --interval seconds the resident memory (VmRSS) and open descriptors of this process and of its DataLoader
-workers (the server process left out). The summary compares the start of the run (after the first epoch's
-warm-up) with its end.
+workers (the server process left out), the shared-memory descriptors of batches in flight counted apart from
+the rest (sockets, pipes, files). The summary gives the ranges and the mean over each third of the run.
 """
 
 from __future__ import annotations
@@ -135,12 +135,24 @@ def serve(root: str, rate: float, counts, port_q) -> None:
 # ----------------------------------------------------------------------------------------------- sampling
 
 
-def _proc(pid: int) -> tuple[float, int] | None:
-    """(RSS in MB, open descriptors) of a process, None if it is gone."""
+def _proc(pid: int) -> tuple[float, int, int] | None:
+    """(RSS in MB, open descriptors, of which shared memory) of a process, None if it is gone.
+
+    Shared-memory descriptors (torch's /dev/shm files, unlinked once mapped) carry the tensors of batches in
+    flight between a worker and the main process: their number follows the queue depth. The others (sockets,
+    pipes, shard files) are where a leak would show."""
     try:
         with open(f"/proc/{pid}/status") as f:
             rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-        return rss, len(os.listdir(f"/proc/{pid}/fd"))
+        fds = shm = 0
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            fds += 1
+            shm += target.startswith(("/dev/shm/", "/memfd:")) or "torch_" in target
+        return rss, fds, shm
     except (FileNotFoundError, ProcessLookupError, StopIteration):
         return None
 
@@ -173,8 +185,9 @@ class Sampler(threading.Thread):
         workers = [p for p in (_proc(c) for c in _children(os.getpid(), self.skip)) if p]
         self.samples.append({
             "t": round(time.perf_counter() - self.t0, 2), "epoch": self.epoch, "samples": self.delivered,
-            "main_rss_mb": round(me[0], 1), "main_fds": me[1], "workers": len(workers),
-            "workers_rss_mb": round(sum(w[0] for w in workers), 1), "workers_fds": sum(w[1] for w in workers),
+            "main_rss_mb": round(me[0], 1), "main_fds": me[1] - me[2], "main_shm_fds": me[2],
+            "workers": len(workers), "workers_rss_mb": round(sum(w[0] for w in workers), 1),
+            "workers_fds": sum(w[1] - w[2] for w in workers), "workers_shm_fds": sum(w[2] for w in workers),
             "threads": threading.active_count(),
         })
 
@@ -189,9 +202,9 @@ class Sampler(threading.Thread):
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="/tmp/vlmstream-soak")
-    ap.add_argument("--shards", type=int, default=100)
+    ap.add_argument("--shards", type=int, default=75)
     ap.add_argument("--per-shard", type=int, default=1000)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--fault-rate", type=float, default=0.3)
     ap.add_argument("--interval", type=float, default=5.0)
@@ -249,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         })
         faults_before = injected
         mine = [x for x in sampler.samples if x["epoch"] == epoch and x["workers"]]
-        for k in ("main_rss_mb", "main_fds", "workers_rss_mb", "workers_fds"):
+        for k in ("main_rss_mb", "main_fds", "main_shm_fds", "workers_rss_mb", "workers_fds", "workers_shm_fds"):
             epochs[-1][f"max_{k}"] = max((x[k] for x in mine), default=None)
         print(json.dumps(epochs[-1]), flush=True)
         assert dup == 0 and missing == 0 and not epochs[-1]["bad_delivered"], epochs[-1]
@@ -269,11 +282,15 @@ def main(argv: list[str] | None = None) -> dict:
         "main_rss_mb": {"after_epoch_0": epochs[0]["main_rss_mb"], "min": min(s["main_rss_mb"] for s in warm),
                         "max": max(s["main_rss_mb"] for s in warm), "end": series[-1]["main_rss_mb"]},
         "main_fds": {"min": min(s["main_fds"] for s in warm), "max": max(s["main_fds"] for s in warm)},
+        "main_shm_fds": {"min": min(s["main_shm_fds"] for s in warm), "max": max(s["main_shm_fds"] for s in warm)},
         "workers_rss_mb": {"min": min(s["workers_rss_mb"] for s in busy), "max": max(s["workers_rss_mb"] for s in busy)},
         "workers_fds": {"min": min(s["workers_fds"] for s in busy), "max": max(s["workers_fds"] for s in busy)},
+        "workers_shm_fds": {"min": min(s["workers_shm_fds"] for s in busy),
+                            "max": max(s["workers_shm_fds"] for s in busy)},
         "threads": {"min": min(s["threads"] for s in series), "max": max(s["threads"] for s in series)},
         "thirds_mean": {k: [round(sum(s[k] for s in t) / max(1, len(t)), 1) for t in thirds]
-                        for k in ("main_rss_mb", "main_fds", "workers_rss_mb", "workers_fds")},
+                        for k in ("main_rss_mb", "main_fds", "main_shm_fds", "workers_rss_mb", "workers_fds",
+                                  "workers_shm_fds")},
         "machine": f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.system()}",
         "args": vars(args),
     }
