@@ -147,12 +147,12 @@ class TinyVLM(nn.Module):
         # Weights ~ N(0, 1/fan_in): at this width GPT-2's fixed std 0.02 shrinks every layer's output ~6x, and
         # the attention path from the image tokens to the answers starts so weak that it takes ages to learn.
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m is not self.head:  # the head is the (tied) token embedding
                 nn.init.normal_(m.weight, std=m.in_features ** -0.5)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
+                nn.init.normal_(m.weight, std=m.embedding_dim ** -0.5)
 
     def forward(self, input_ids, images, attention_mask=None, targets=None, position_ids=None, sequence_id=None):
         """Logits [B, L, vocab], or with targets (labels already shifted, -100 ignored) the mean loss and the
@@ -471,7 +471,7 @@ def train(args, cfg, workdir, base, rank, world, master, device, amp, log, t_sta
     stop = min(t["steps"], args.stop_at or t["steps"])
     wait = busy = 0.0  # seconds waiting for batches / whole steps, after the first step (the loader's start-up)
     first_wait, samples, tokens, keys = 0.0, 0, 0, []
-    t_train = time.perf_counter()
+    t_train, cpu_train = time.perf_counter(), time.process_time()
     for step in range(start, stop):
         t0 = time.perf_counter()
         batch = next(batches)
@@ -508,7 +508,7 @@ def train(args, cfg, workdir, base, rank, world, master, device, amp, log, t_sta
         if (step + 1) % t["ckpt_every"] == 0 or step + 1 == stop:
             save_checkpoint(ckpt_path, raw, opt, loader, step + 1, history, cfg, world, master)
     batches.close()
-    train_s = time.perf_counter() - t_train
+    train_s, train_cpu_s = time.perf_counter() - t_train, time.process_time() - cpu_train
     print(f"rank {rank}: {stop - start} steps done, at step {stop}, epoch {loader.epoch}", flush=True)
     if args.save_keys:
         with open(os.path.join(workdir, f"keys-rank{rank}.json"), "w") as f:
@@ -518,7 +518,7 @@ def train(args, cfg, workdir, base, rank, world, master, device, amp, log, t_sta
         dist.all_reduce(counts)
     summary = {
         "steps": stop, "resumed_from": start if args.resume else None, "world_size": world, "device": str(device),
-        "train_seconds": train_s, "samples_per_s": counts[0].item() / train_s, "tokens_per_s": counts[1].item() / train_s,
+        "train_seconds": train_s, "train_cpu_seconds": train_cpu_s, "samples_per_s": counts[0].item() / train_s, "tokens_per_s": counts[1].item() / train_s,
         "data_wait_fraction": wait / busy if busy else 0.0, "first_batch_seconds": first_wait,
         "first_loss": history[0] if history else None, "final_loss": sum(history[-20:]) / len(history[-20:]) if history else None,
         "losses": history, "parameters": params, "data": base,
@@ -551,7 +551,7 @@ summary: {summary['steps']} steps x {t['batch_size']} rows, {world} process(es) 
   loss        {summary['first_loss']:.3f} -> {summary['final_loss']:.4f} (mean of the last 20 steps)
   accuracy    {summary['accuracy']:.1%} on the test split ({summary['questions']} questions, greedy), majority-answer baseline ("{summary['majority_answer']}") {summary['baseline']:.1%}
               yes/no {k['yes/no']:.1%}, shape {k['shape']:.1%}, color {k['color']:.1%}
-  time        {summary['total_seconds']:.0f}s in all: prepare and serve {summary['prepare_seconds']:.0f}s, train {train_s:.0f}s, evaluate {summary['eval_seconds']:.0f}s
+  time        {summary['total_seconds']:.0f}s in all: prepare and serve {summary['prepare_seconds']:.0f}s, train {train_s:.0f}s ({train_cpu_s:.0f} CPU-s in this process), evaluate {summary['eval_seconds']:.0f}s
   plot        {summary['plot']}""")
     return summary
 
