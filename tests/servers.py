@@ -6,94 +6,19 @@ import contextlib
 import http.server
 import os
 import re
-import shutil
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
+from loopback_nginx import LoopbackNginx  # noqa: E402  (tools/loopback_nginx.py)
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
-
-
-class Nginx:
-    """nginx serving `root` on a free loopback port; `requests()` counts requests per path from its log."""
-
-    def __init__(self, root: str):
-        self.root = os.path.abspath(root)
-        self.prefix = tempfile.mkdtemp(prefix="vlms-nginx-")
-        self.port = free_port()
-        self.log = os.path.join(self.prefix, "access.log")
-        os.makedirs(os.path.join(self.prefix, "logs"), exist_ok=True)
-        user = "user root;" if os.geteuid() == 0 else ""  # workers must read the test's private tmp dirs
-        conf = f"""
-{user}
-worker_processes 1;
-pid {self.prefix}/nginx.pid;
-error_log {self.prefix}/error.log;
-events {{ worker_connections 256; }}
-http {{
-  log_format conn '$connection "$request" $status';
-  access_log {self.log} conn;
-  client_body_temp_path {self.prefix}; proxy_temp_path {self.prefix}; fastcgi_temp_path {self.prefix};
-  uwsgi_temp_path {self.prefix}; scgi_temp_path {self.prefix};
-  keepalive_requests 10000;
-  types {{ application/json json; application/x-tar tar; }}
-  server {{
-    listen 127.0.0.1:{self.port};
-    root {self.root};
-    location / {{ }}
-  }}
-}}
-"""
-        self.conf = os.path.join(self.prefix, "nginx.conf")
-        with open(self.conf, "w") as f:
-            f.write(conf)
-        self.proc = subprocess.Popen([NGINX, "-p", self.prefix, "-c", self.conf, "-g", "daemon off;"],
-                                     stderr=subprocess.PIPE)
-        wait_port(self.port)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def requests(self) -> Counter:
-        time.sleep(0.1)  # nginx writes the log line after the response
-        counts: Counter = Counter()
-        with open(self.log) as f:
-            for line in f:
-                m = re.search(r'"GET (\S+) HTTP', line)
-                if m:
-                    counts[m.group(1)] += 1
-        return counts
-
-    def connections(self) -> int:
-        """Distinct TCP connections seen so far (keep-alive reuses one for many requests)."""
-        time.sleep(0.1)
-        with open(self.log) as f:
-            return len({line.split()[0] for line in f if line.strip()})
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        shutil.rmtree(self.prefix, ignore_errors=True)
+Nginx = LoopbackNginx  # the tests' name for it
 
 
 @dataclass

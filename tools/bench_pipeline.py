@@ -43,17 +43,13 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import re
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,6 +60,7 @@ import torch  # noqa: E402
 
 import vlmstream as vs  # noqa: E402
 from bench_tar import build_corpus  # noqa: E402
+from loopback_nginx import LoopbackNginx, Request  # noqa: E402  (tools/loopback_nginx.py)
 from vlmstream.decode import open_image  # noqa: E402
 from vlmstream.format import ShardInfo, write_manifest  # noqa: E402
 from vlmstream.pipeline import Context  # noqa: E402
@@ -71,95 +68,6 @@ from vlmstream.tar import read_tar_samples  # noqa: E402
 
 IMAGE_KEY = "0.jpg"
 CONTENDERS = ("vlmstream", "webdataset", "vlmstream_no_ipc", "limit", "limit_full", "webdataset_vsresize")
-
-
-# ------------------------------------------------------------------------------------------------- nginx
-
-
-@dataclass
-class Request:
-    path: str
-    start: float  # wall-clock seconds (time.time()) when nginx began reading the request
-    end: float  # when the response was complete
-    status: int
-    bytes: int
-
-
-class LoopbackNginx:
-    """nginx serving ``root`` on a free loopback port, logging each request with its start and end times."""
-
-    def __init__(self, root: str):
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        if not os.path.exists(nginx):
-            raise SystemExit("nginx not found: install it (apt-get install nginx, or `make system-deps`)")
-        self.prefix = tempfile.mkdtemp(prefix="vlms-bench-nginx-")
-        self.log = os.path.join(self.prefix, "access.log")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        os.makedirs(os.path.join(self.prefix, "logs"), exist_ok=True)
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf = os.path.join(self.prefix, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(f"""{user}
-worker_processes 1;
-pid {self.prefix}/nginx.pid;
-error_log {self.prefix}/error.log;
-events {{ worker_connections 256; }}
-http {{
-  log_format timed '$msec $request_time $status $body_bytes_sent "$request"';
-  access_log {self.log} timed;
-  client_body_temp_path {self.prefix}; proxy_temp_path {self.prefix}; fastcgi_temp_path {self.prefix};
-  uwsgi_temp_path {self.prefix}; scgi_temp_path {self.prefix};
-  keepalive_requests 10000;
-  types {{ application/json json; application/x-tar tar; }}
-  server {{ listen 127.0.0.1:{self.port}; root {os.path.abspath(root)}; location / {{ }} }}
-}}
-""")
-        self.proc = subprocess.Popen([nginx, "-p", self.prefix, "-c", conf, "-g", "daemon off;"],
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.time() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
-            if time.time() > deadline or self.proc.poll() is not None:
-                self.close()
-                raise SystemExit(f"nginx did not start (see {self.prefix}/error.log)")
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def cpu(self) -> float:
-        """CPU seconds used so far by nginx (master and worker)."""
-        return _cpu_of([self.proc.pid] + _children(self.proc.pid))
-
-    def mark(self) -> int:
-        return os.path.getsize(self.log) if os.path.exists(self.log) else 0
-
-    def since(self, mark: int) -> list[Request]:
-        """Requests logged after ``mark`` (nginx writes a line once the response is complete)."""
-        time.sleep(0.2)
-        out = []
-        with open(self.log) as f:
-            f.seek(mark)
-            for line in f:
-                m = re.match(r'(\S+) (\S+) (\d+) (\d+) "GET (\S+) ', line)
-                if m:
-                    end, took = float(m.group(1)), float(m.group(2))
-                    out.append(Request(m.group(5), end - took, end, int(m.group(3)), int(m.group(4))))
-        return out
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        shutil.rmtree(self.prefix, ignore_errors=True)
-
-    def __enter__(self) -> "LoopbackNginx":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 # ------------------------------------------------------------------------------------------------ corpus
@@ -241,19 +149,6 @@ def run_webdataset(urls: list[str], workers: int, batch: int, size: int, resize:
 def _cpu_self_and_children() -> tuple[float, float]:
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
-
-
-def _cpu_of(pids: list[int]) -> float:
-    """CPU seconds (user + system) used so far by these processes (nginx: not a waited-for child until the end)."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            pass
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def time_loader(make: Callable[[], Any], images: Callable[[Any], Any], expect: int, size: int) -> dict[str, Any]:

@@ -19,16 +19,17 @@ import collections
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import easy_vqa
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TOOLS)
+
+from loopback_nginx import LoopbackNginx  # noqa: E402  (tools/loopback_nginx.py)
+
 ROLES = ["system", "user", "assistant"]
 
 
@@ -110,75 +111,9 @@ def prepare(root: str, *, maxcount: int = 250, vocab_size: int = 600, questions_
 
 
 # ----------------------------------------------------------------------------------------- serving (nginx)
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Nginx:
-    """nginx serving `root` on a free loopback port (keep-alive, Range requests); `stop()` ends it.
-
-    `Nginx(root).url` is the base URL; run files and logs live in a temporary folder removed on stop.
-    """
-
-    def __init__(self, root: str):
-        if not os.path.exists(NGINX):
-            raise RuntimeError("nginx not found: install it (`make system-deps`, or apt-get install nginx), "
-                               "or read the shards from local files (--no-serve)")
-        self.root = os.path.abspath(root)
-        self.prefix = tempfile.mkdtemp(prefix="vlms-smoke-nginx-")
-        self.port = _free_port()
-        user = "user root;" if os.geteuid() == 0 else ""  # workers must be able to read root's files
-        conf = f"""{user}
-worker_processes 1;
-pid {self.prefix}/nginx.pid;
-error_log {self.prefix}/error.log;
-events {{ worker_connections 256; }}
-http {{
-  access_log off;
-  client_body_temp_path {self.prefix}; proxy_temp_path {self.prefix}; fastcgi_temp_path {self.prefix};
-  uwsgi_temp_path {self.prefix}; scgi_temp_path {self.prefix};
-  keepalive_requests 10000;
-  types {{ application/json json; application/x-tar tar; }}
-  server {{ listen 127.0.0.1:{self.port}; root {self.root}; location / {{ }} }}
-}}
-"""
-        conf_path = os.path.join(self.prefix, "nginx.conf")
-        with open(conf_path, "w") as f:
-            f.write(conf)
-        self.proc = subprocess.Popen([NGINX, "-p", self.prefix, "-c", conf_path, "-g", "daemon off;"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
-            if self.proc.poll() is not None or time.time() > deadline:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
-                self.stop()
-                raise RuntimeError(f"nginx did not start on port {self.port}: {err.strip()}")
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful: finish open responses
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.prefix, ignore_errors=True)
-
-    def __enter__(self) -> "Nginx":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+# smoke_train serves the prepared folder with `Nginx(root)` (`.url`, `.stop()`); nginx missing or failing to start
+# is a RuntimeError, and --no-serve reads the shards as local files instead.
+Nginx = LoopbackNginx
 
 
 def main(argv: list[str] | None = None) -> None:
