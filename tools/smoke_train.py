@@ -50,7 +50,13 @@ def load_config(path: str, overrides: list[str]) -> dict:
             node = node[s]
         if last not in node:
             raise SystemExit(f"--set {item!r}: no {key!r} in {path}")
-        node[last] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 as a string: numbers are numbers here
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        node[last] = parsed
     return cfg
 
 
@@ -333,6 +339,7 @@ def evaluate(model: TinyVLM, base: str, tok: vs.ChatTokenizer, cfg: dict, device
             counts[6] += kind == 0
             counts[7] += kind == 1
     if world > 1:
+        counts = counts.to(device)  # NCCL reduces GPU tensors only
         dist.all_reduce(counts)
     model.train()
     c = counts.tolist()
@@ -342,24 +349,30 @@ def evaluate(model: TinyVLM, base: str, tok: vs.ChatTokenizer, cfg: dict, device
 
 
 def plot_losses(losses: list[float], path: str, title: str) -> None:
-    """The loss curve as a PNG, drawn with Pillow: every step (light) and a 20-step moving average (dark)."""
+    """The loss curve as a PNG, drawn with Pillow on a log scale (the first steps fall from ~8 to ~0.3, the rest
+    of the run from 0.3 to under 0.1): every step (light) and a 20-step moving average (dark)."""
     from PIL import Image, ImageDraw
 
     W, H, left, right, top, bottom = 900, 500, 70, 20, 40, 50
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    ymax = max(losses) * 1.05 if losses else 1.0
+    positive = [v for v in losses if v > 0] or [1.0]
+    lo, hi = math.log10(min(positive)) - 0.05, math.log10(max(positive)) + 0.05
     n = max(2, len(losses))
 
     def xy(i: int, y: float) -> tuple[float, float]:
-        return left + (W - left - right) * i / (n - 1), top + (H - top - bottom) * (1 - min(y, ymax) / ymax)
+        frac = (math.log10(max(y, 10 ** lo)) - lo) / max(hi - lo, 1e-9)
+        return left + (W - left - right) * i / (n - 1), top + (H - top - bottom) * (1 - min(frac, 1.0))
 
-    for k in range(6):  # grid and axis labels
-        y = ymax * k / 5
-        d.line([xy(0, y), xy(n - 1, y)], fill=(225, 225, 225))
-        d.text((8, xy(0, y)[1] - 6), f"{y:.2f}", fill="black")
+    for e in range(math.floor(lo), math.ceil(hi) + 1):  # grid lines at 1, 2 and 5 times the powers of ten
+        for m in (1, 2, 5):
+            y = m * 10.0 ** e
+            if lo <= math.log10(y) <= hi:
+                d.line([xy(0, y), xy(n - 1, y)], fill=(225, 225, 225))
+                d.text((8, xy(0, y)[1] - 6), f"{y:g}", fill="black")
+    for k in range(6):
         i = (n - 1) * k // 5
-        d.text((xy(i, 0)[0] - 10, H - bottom + 8), str(i + 1), fill="black")
+        d.text((xy(i, 1)[0] - 10, H - bottom + 8), str(i + 1), fill="black")
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     if len(losses) > 1:
         d.line([xy(i, v) for i, v in enumerate(losses)], fill=(150, 180, 230), width=1)
@@ -367,7 +380,7 @@ def plot_losses(losses: list[float], path: str, title: str) -> None:
         d.line([xy(i, v) for i, v in enumerate(avg)], fill=(20, 60, 160), width=2)
     d.text((left, 12), title, fill="black")
     d.text(((W - left) // 2, H - 22), "step", fill="black")
-    d.text((8, 12), "loss", fill="black")
+    d.text((8, 12), "loss (log)", fill="black")
     img.save(path)
 
 
@@ -513,7 +526,7 @@ def train(args, cfg, workdir, base, rank, world, master, device, amp, log, t_sta
     if args.save_keys:
         with open(os.path.join(workdir, f"keys-rank{rank}.json"), "w") as f:
             json.dump(keys, f)
-    counts = torch.tensor([samples, tokens], dtype=torch.float64)
+    counts = torch.tensor([samples, tokens], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(counts)
     summary = {
