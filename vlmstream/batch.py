@@ -49,9 +49,8 @@ def default_collate(samples: Sequence[Any]) -> Any:
     """Stack tensors of equal shape and numbers; keep anything else as a list (per key for dicts).
 
     Metadata keys (``__key__``, ``__url__``, ``__offset__``, ``__index__``: any starting with "__") stay plain
-    lists: they are for Python code, and every tensor in a batch costs a shared-memory handoff of its own on its
-    way out of a DataLoader worker. In a worker, tensors are stacked straight into shared memory (as torch's own
-    default_collate does), so the batch is not copied once more when it is sent.
+    lists: they are for Python code. Tensors are stacked in ordinary memory: leaving a DataLoader worker, the
+    whole batch is copied into one recycled shared-memory segment (vlmstream/sharedmem.py).
     """
     first = samples[0]
     if isinstance(first, dict):
@@ -59,8 +58,6 @@ def default_collate(samples: Sequence[Any]) -> Any:
     if isinstance(first, tuple):
         return tuple(default_collate(list(col)) for col in zip(*samples))
     if isinstance(first, torch.Tensor) and all(isinstance(s, torch.Tensor) and s.shape == first.shape for s in samples):
-        if torch.utils.data.get_worker_info() is not None:
-            return torch.utils.data.default_collate(list(samples))  # stacks into a shared-memory tensor
         return torch.stack(list(samples))
     if isinstance(first, (int, float)) and not isinstance(first, bool) and all(type(s) is type(first) for s in samples):
         return torch.tensor(samples)

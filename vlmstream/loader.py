@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch.utils.data
 
 from .pipeline import Context, Pipeline, distributed_rank_world
+from .sharedmem import Returns
 
 LOADER_STATE_VERSION = 1
 
@@ -70,11 +71,22 @@ class Loader:
         self._resume = None
         self._worker_stats, times = {}, _LoaderTimes(self.slots)
         self._times = times.__dict__
+        # Batches leave the workers in shared-memory segments that come back to them when freed (sharedmem.py);
+        # not when pinning (the pinned copy is what the user gets) nor with persistent workers.
+        recycle = self.num_workers and not self.kwargs["pin_memory"] and not self.kwargs["persistent_workers"]
+        returns = Returns(self.num_workers, self.kwargs.get("multiprocessing_context")) if recycle else None
+        p.returns = returns.readers if returns else None
         dl = torch.utils.data.DataLoader(p, batch_size=None, num_workers=self.num_workers, **self.kwargs)
         queues: dict[int, deque] = {w: deque() for w in range(self.slots)}
         try:
-            for x in times.timed(dl):
+            batches = iter(dl)  # starts the workers, which took their ends of the return pipes with them
+            if returns is not None:
+                returns.close_readers()
+                p.returns = None
+            for x in times.timed(batches):
                 w = x.pop("__worker__")
+                if returns is not None:
+                    returns.track(x, w)
                 stats = x.pop("__stats__", None)
                 if stats is not None:
                     self._worker_stats[w] = stats
@@ -82,7 +94,7 @@ class Loader:
                 yield from self._in_order(queues)
             yield from self._in_order(queues)
         finally:
-            p.resume = {}
+            p.resume, p.returns = {}, None
             times.stop()
         if len(self.done) < self.slots:
             raise RuntimeError(f"workers {sorted(set(range(self.slots)) - self.done)} ended without their end marker")

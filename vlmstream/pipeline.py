@@ -118,8 +118,14 @@ class Pipeline(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         ctx = self.context()
         resume = getattr(self, "resume", None) or {}  # set by vs.Loader, travels into the workers
-        return self.iterate(ctx, resume.get("states", {}).get(ctx.worker), snapshots=getattr(self, "snapshots", False),
-                            plan=resume.get("plan"))
+        it = self.iterate(ctx, resume.get("states", {}).get(ctx.worker), snapshots=getattr(self, "snapshots", False),
+                          plan=resume.get("plan"))
+        if torch.utils.data.get_worker_info() is not None:  # leaving a DataLoader worker: one segment per batch
+            from .sharedmem import SegmentPool
+
+            returns = getattr(self, "returns", None)  # set by vs.Loader: segments come back through it
+            it = SegmentPool(returns[ctx.worker] if returns else None).ship(it)
+        return it
 
     def with_stages(self, *stages: Stage) -> "Pipeline":
         """A pipeline with more stages appended (the same settings)."""
