@@ -1,7 +1,7 @@
 """Benchmark the VLM job (issue 4): photo JPEGs with multi-turn conversations -> tiles -> tokens -> packed batches.
 
     python tools/bench_vlm.py [--workdir /tmp/vlmstream-bench] [--shards 4] [--per-shard 250] [--rounds 3]
-                              [--workers 2] [--output float|uint8] [--json]
+                              [--workers 2] [--output float|uint8] [--prefix] [--breakdown N] [--json]
 
 The corpus: tools/bench_tar.py's photo generator (640x480 JPEGs of ~55 KB cut from scikit-image's photos),
 each photo with a multi-turn conversation in vlmstream's format (docs/FORMAT.md): one ``<image>`` placeholder in
@@ -18,19 +18,26 @@ The job, exactly as a user writes it:
     vs.pack(4096, max_images=18), vs.batch(8)
 
 A 640x480 photo becomes a 1024x1024 image (2x2 tiles of 512) plus a global view: 5 tiles, 5 x (1 marker + 64
-image tokens) = 325 tokens. Each round measures, in this order:
+image tokens) = 325 tokens. Once, before the rounds: the pack fill for buffer sizes from 16 to 512 samples on the
+corpus's real token counts (images not decoded: their grids come from the JPEG headers), with the tile memory each
+buffer holds. Then each round measures, in this order:
 
   stages    one pass over the corpus in this process (no DataLoader), each stage's output iterator wrapped in a
             timer; a stage's own time is the time spent in its ``next()`` minus the time it spent waiting in its
             upstream's ``next()`` (the source stages, shards..fetch, count as one: fetch reads ahead in a thread).
-  prefix    the chain cut after tar_samples, decode, tokenize, pack and batch, each run over the whole corpus
-            in this process; differences of consecutive prefixes are the stages' costs (a cross-check of the
-            first method, blind to stages cheaper than the run-to-run noise of the decode).
-  loader    end to end through ``vs.Loader(pipe, num_workers=W)``: from building the loader to the last batch.
+            Wall time and CPU time (``time.process_time``: this process, all threads) are both kept; on a shared
+            machine the CPU shares are the steadier figure.
+  breakdown decode's own steps (JPEG decode, resize to the tile grid, global view, cutting tiles, to tensor) timed
+            apart on the first N samples, in CPU time (``--breakdown 0`` skips it).
+  prefix    only with ``--prefix``: the chain cut after tar_samples, decode, tokenize, pack and batch, each run
+            over the whole corpus; differences of consecutive prefixes are the stages' costs. A cross-check of the
+            timers that is blind to stages cheaper than the run-to-run noise of the decode (4 more passes a round).
+  loader    end to end through ``vs.Loader(pipe, num_workers=W)``: from building the loader to the last batch,
+            with the CPU time of this process and its (joined) workers.
 
 Throughput figures count what the emitted batches hold: samples (packed keys), input tokens (attention mask),
-image tokens (``<|image|>`` ids; the tiles' markers are listed apart), batches, and the pack fill (tokens per
-4096-token row, separators included). The median over rounds is reported (and the best, in --json).
+image tokens (``<|image|>`` ids; the tiles' markers are counted apart), batches, and the pack fill (tokens per
+4096-token row, separators included). Medians over rounds are reported, and the best rates beside them.
 """
 
 from __future__ import annotations
@@ -312,7 +319,7 @@ def pack_fill_by_buffer(index: str, tok: ChatTokenizer, output: str, buffers: li
     for b in buffers:
         p = vs.pack(SEQ_LEN, max_images=MAX_IMAGES, buffer=b)
         sequences = sum(1 for _ in p(iter(toks)))
-        rows[str(b)] = {"fill": p.stats.fill, "sequences": sequences, "buffer_mb": b * mean_bytes / 1e6}
+        rows[str(b)] = {"fill": p.stats.fill, "sequences": sequences, "buffer_mb": min(b, len(toks)) * mean_bytes / 1e6}
     return {"samples": len(toks), "mean_tokens": sum(len(t["input_ids"]) for t in toks) / len(toks),
             "tile_mb_per_sample": mean_bytes / 1e6, "by_buffer": rows}
 
@@ -419,8 +426,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--output", choices=("float", "uint8"), default="float", help="ImageTiles output")
     ap.add_argument("--prefix", action="store_true", help="also time the chain's prefixes (4 more passes a round)")
+    ap.add_argument("--no-prefix", dest="prefix", action="store_false", help="do not (the default)")
     ap.add_argument("--no-loader", action="store_true", help="skip the DataLoader run")
-    ap.add_argument("--breakdown", type=int, default=200, metavar="N",
+    ap.add_argument("--breakdown", type=int, default=50, metavar="N",
                     help="time ImageTiles' steps apart on the first N samples each round (0: skip)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     args = ap.parse_args()
