@@ -28,6 +28,15 @@ def test_pack_puts_every_tensor_of_a_batch_in_one_segment_and_leaves_metadata_al
     assert packed["__key__"] == ["a", "b"] and packed["__meta__"] is batch["__meta__"]
 
 
+def test_pack_leaves_sparse_tensors_alone_and_keeps_requires_grad():
+    sparse = torch.eye(3).to_sparse()
+    weight = torch.ones(2, 2, requires_grad=True)
+    packed, _ = SegmentPool().pack({"s": sparse, "w": weight, "x": torch.arange(4)})
+    assert packed["s"] is sparse
+    assert packed["w"].requires_grad and packed["w"].is_leaf and packed["w"].is_shared()
+    assert packed["w"].untyped_storage().data_ptr() == packed["x"].untyped_storage().data_ptr()
+
+
 def test_a_segment_given_back_is_refilled_and_sizes_must_fit():
     reader, writer = multiprocessing.Pipe(duplex=False)
     pool = SegmentPool(reader)

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 
 ALIGN = 64  # bytes: every tensor in a segment starts on a cache line (and on any dtype's alignment)
-KEEP_FREE = 4  # segments a worker keeps for reuse beyond those in flight
+KEEP_FREE = 2  # free segments a worker keeps for reuse (in a steady stream one comes back as each batch is made)
 MAX_IN_FLIGHT = 64  # segments a worker remembers as out: the rest are forgotten (freed when the user frees them)
 
 
@@ -30,9 +30,15 @@ def _round(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def _packable(t: torch.Tensor) -> bool:
+    """Dense CPU tensors; anything else (sparse, quantized, on a device) travels the way torch sends it."""
+    return t.layout == torch.strided and t.device.type == "cpu" and not t.is_quantized
+
+
 def _tensors(x: Any, out: list[torch.Tensor]) -> None:
     if isinstance(x, torch.Tensor):
-        out.append(x)
+        if _packable(x):
+            out.append(x)
     elif isinstance(x, dict):
         for k, v in x.items():
             if not (isinstance(k, str) and k.startswith("__")):
@@ -44,7 +50,7 @@ def _tensors(x: Any, out: list[torch.Tensor]) -> None:
 
 def _replace(x: Any, views: dict[int, torch.Tensor]) -> Any:
     if isinstance(x, torch.Tensor):
-        return views[id(x)]
+        return views.get(id(x), x)
     if isinstance(x, dict):
         return {k: v if isinstance(k, str) and k.startswith("__") else _replace(v, views) for k, v in x.items()}
     if isinstance(x, list):
@@ -109,11 +115,12 @@ class SegmentPool:
             return batch, -1
         slot, segment = self.take(total)
         views, offset = {}, 0
-        for t in unique:
-            view = torch.empty(0, dtype=t.dtype).set_(segment, offset // t.element_size(), t.shape)
-            view.copy_(t)
-            views[id(t)] = view
-            offset += _round(t.nbytes)
+        with torch.no_grad():
+            for t in unique:
+                view = torch.empty(0, dtype=t.dtype).set_(segment, offset // t.element_size(), t.shape)
+                view.copy_(t)
+                views[id(t)] = view.requires_grad_() if t.requires_grad else view
+                offset += _round(t.nbytes)
         return _replace(batch, views), slot
 
     def ship(self, it: Iterator[Any]) -> Iterator[Any]:
