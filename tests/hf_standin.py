@@ -10,6 +10,8 @@ calls for ``HfApi().list_repo_files(...)``, ``hf_hub_download(...)`` and a plain
   ``Content-Length``, ``Accept-Ranges`` and Range support (206 + ``Content-Range``, 416); for "LFS" files (``.tar``
   by default) a 302 to a second server, the "CDN", with ``X-Linked-Etag`` (sha256), ``X-Linked-Size`` and a signed
   looking ``Location``, as the Hub redirects to its storage host;
+- ``GET /api/datasets/ORG/NAME[/revision/REV]`` (and ``/api/models/...``): the repo's info as ``HfApi().repo_info``
+  reads it: ``id``, ``sha`` (the commit the revision names now), ``siblings``;
 - ``GET /api/agent-harnesses``: an empty registry (huggingface_hub fetches it once to build its user-agent);
 - errors as the Hub sends them: 404 with ``X-Error-Code`` ``RepoNotFound`` / ``RevisionNotFound`` /
   ``EntryNotFound``, and 401 when a token is configured and the request lacks ``Authorization: Bearer <token>``.
@@ -19,7 +21,8 @@ every request (server, method, path, query, whether Authorization was sent, Rang
 in ``log``; the token itself is never recorded.
 
 The Hub URL-encodes a revision as one path segment (``refs%2Fpr%2F1``); so does this server. Commit hashes
-are derived from (repo, revision) and are accepted as revisions too.
+are derived from (repo, revision) and are accepted as revisions too; ``move(repo, revision, folder)`` points a
+branch at new content under a new commit, and the old commit stays readable, as on the Hub.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ class HubStandin:
     def __init__(self, repos: Mapping[str, Mapping[str, str]], *, token: str | None = None, cdn: bool = True,
                  lfs: tuple[str, ...] = (".tar",), page_size: int = 1000):
         self.repos = {rid: dict(revs) for rid, revs in repos.items()}
+        self.heads: dict[tuple[str, str], str] = {}  # (repo, branch) -> its commit, once moved
+        self.commits: dict[tuple[str, str], str] = {}  # (repo, commit) -> folder, for commits moved away from
         self.token, self.cdn_enabled, self.lfs, self.page_size = token, cdn, lfs, page_size
         self.log: list[Request] = []
         self.unknown: list[str] = []  # "METHOD /path" of requests for endpoints the stand-in does not implement
@@ -109,14 +114,29 @@ class HubStandin:
             self.unknown.clear()
 
     # ------------------------------------------------------------------------------------------------ repos
+    def head(self, repo_id: str, revision: str) -> str:
+        """The commit a branch (or tag) names now."""
+        return self.heads.get((repo_id, revision), commit_of(repo_id, revision))
+
+    def move(self, repo_id: str, revision: str, folder: str) -> str:
+        """Point a branch at new content (a push); the old commit stays readable. Returns the new commit."""
+        with self._lock:
+            old = self.head(repo_id, revision)
+            self.commits[(repo_id, old)] = self.repos[repo_id][revision]
+            self.repos[repo_id][revision] = folder
+            self.heads[(repo_id, revision)] = hashlib.sha1(f"{old}+{folder}".encode()).hexdigest()
+            return self.heads[(repo_id, revision)]
+
     def _folder(self, repo_id: str, revision: str) -> tuple[str, str] | None:
         """(folder, commit) of a revision given by name or by commit hash."""
         revs = self.repos[repo_id]
         if revision in revs:
-            return revs[revision], commit_of(repo_id, revision)
+            return revs[revision], self.head(repo_id, revision)
         for name, folder in revs.items():
-            if commit_of(repo_id, name) == revision:
+            if self.head(repo_id, name) == revision:
                 return folder, revision
+        if (repo_id, revision) in self.commits:
+            return self.commits[(repo_id, revision)], revision
         return None
 
     def _is_lfs(self, path: str) -> bool:
@@ -220,6 +240,9 @@ class HubStandin:
                     return
                 if len(seg) >= 7 and seg[1:3] == ["api", "datasets"] and seg[5] == "tree":
                     api, org, name, revision, path = True, seg[3], seg[4], seg[6], seg[7:]
+                elif seg[1:2] == ["api"] and seg[2:3] in (["datasets"], ["models"]) and (
+                        len(seg) == 5 or (len(seg) == 7 and seg[5] == "revision")):
+                    api, org, name, revision, path = "info", seg[3], seg[4], seg[6] if len(seg) == 7 else "main", []
                 elif len(seg) >= 7 and seg[1] == "datasets" and seg[4] == "resolve":
                     api, org, name, revision, path = False, seg[2], seg[3], seg[5], seg[6:]
                 elif len(seg) >= 6 and seg[3] == "resolve" and seg[1] not in ("api", "datasets", "spaces"):
@@ -241,7 +264,9 @@ class HubStandin:
                     self._error(404, "RevisionNotFound", "Invalid rev id: " + revision)
                     return
                 folder, commit = found
-                if api:
+                if api == "info":
+                    self._info(repo_id, folder, commit)
+                elif api:
                     self._tree(folder, revision, path, parse_qs(parts.query), commit)
                 else:
                     self._resolve(folder, path, commit)
@@ -261,6 +286,11 @@ class HubStandin:
                     nxt = f"{hub.url}{urlsplit(self.path).path}?{query}&cursor={start + hub.page_size}"
                     headers["Link"] = f'<{nxt}>; rel="next"'
                 self._reply(200, json.dumps(page).encode(), headers)
+
+            def _info(self, repo_id: str, folder: str, commit: str) -> None:
+                files = [e["path"] for e in hub._entries(folder, "", True) if e["type"] == "file"]
+                body = {"id": repo_id, "sha": commit, "private": False, "siblings": [{"rfilename": f} for f in files]}
+                self._reply(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
 
             def _resolve(self, folder: str, path: str, commit: str) -> None:
                 file = os.path.join(folder, path)

@@ -21,7 +21,7 @@ import tarfile
 
 import pytest
 
-from hf_standin import HubStandin
+from hf_standin import HubStandin, commit_of
 from vlmstream.fetch import FetchError, fetch, open_url
 from vlmstream.format import ShardInfo, write_manifest
 from vlmstream.shardlist import parse_hf_url, resolve
@@ -103,6 +103,11 @@ def hub_env(hub, tmp_path, monkeypatch):
     assert not hub.unknown  # huggingface_hub called nothing the stand-in lacks
 
 
+def pinned(rev: str = "main") -> str:
+    """The repo's URL prefix at the commit a revision names: what listings and manifests hand out."""
+    return f"{REPO}@{commit_of('org/ds', rev)}"
+
+
 def data(repo, name: str, rev: str = "main") -> bytes:
     with open(os.path.join(repo[0][rev], name), "rb") as f:
         return f.read()
@@ -132,8 +137,8 @@ def test_parse_hf_url():
 
 def test_brace_pattern_lists_through_hfapi(hub_env):
     got = resolve(f"{REPO}/shards/shard-{{000000..000003}}.tar")
-    assert [s.url for s in got] == [f"{REPO}/shards/shard-{i:06d}.tar" for i in range(4)]
-    tree = hub_env.requests("hub", "GET", "/api/datasets/org/ds/tree/main")
+    assert [s.url for s in got] == [f"{pinned()}/shards/shard-{i:06d}.tar" for i in range(4)]
+    tree = hub_env.requests("hub", "GET", f"/api/datasets/org/ds/tree/{commit_of('org/ds', 'main')}")
     assert len(tree) >= 3 and all(r.auth and r.status == 200 for r in tree)  # paged, token sent every time
     with pytest.raises(FileNotFoundError, match="shard-000004.tar"):  # a named shard that is missing: an error
         resolve(f"{REPO}/shards/shard-{{000000..000004}}.tar")
@@ -141,24 +146,51 @@ def test_brace_pattern_lists_through_hfapi(hub_env):
 
 def test_glob_pattern_stays_in_its_folder(hub_env):
     got = resolve(f"{REPO}/shards/*.tar")
-    assert [s.url for s in got] == [f"{REPO}/shards/shard-{i:06d}.tar" for i in range(N_SHARDS)]
-    assert [s.url for s in resolve(f"{REPO}/shards/*/*.tar")] == [f"{REPO}/shards/extra/nested.tar"]
+    assert [s.url for s in got] == [f"{pinned()}/shards/shard-{i:06d}.tar" for i in range(N_SHARDS)]
+    assert [s.url for s in resolve(f"{REPO}/shards/*/*.tar")] == [f"{pinned()}/shards/extra/nested.tar"]
     assert [s.url for s in resolve(f"{REPO}/shards/shard-00000[13].tar")] == [
-        f"{REPO}/shards/shard-000001.tar", f"{REPO}/shards/shard-000003.tar"]
+        f"{pinned()}/shards/shard-000001.tar", f"{pinned()}/shards/shard-000003.tar"]
 
 
-@pytest.mark.parametrize("rev, written",
-                         [("v1", "v1"), ("refs/pr/1", "refs%2Fpr%2F1"), ("refs%2Fpr%2F1", "refs%2Fpr%2F1")])
-def test_revision_is_honoured_in_listing_and_reads(hub_env, repo, rev, written):
+@pytest.mark.parametrize("rev", ["v1", "refs/pr/1", "refs%2Fpr%2F1"])
+def test_revision_is_pinned_to_its_commit_in_listing_and_reads(hub_env, repo, rev):
     got = resolve(f"{REPO}@{rev}/shards/*.tar")
     plain = "refs/pr/1" if "pr" in rev else rev
+    commit = commit_of("org/ds", plain)
     names = sorted(n for r, n in repo[1] if r == plain)
-    assert [s.url for s in got] == [f"{REPO}@{written}/{n}" for n in names]
+    assert [s.url for s in got] == [f"{REPO}@{commit}/{n}" for n in names]
+    info = hub_env.requests("hub", "GET", "/api/datasets/org/ds/revision/")
+    assert [r.path for r in info] == [f"/api/datasets/org/ds/revision/{plain}"]  # the name, asked once
     tree = hub_env.requests("hub", "GET", "/api/datasets/org/ds/tree/")
-    assert {r.path for r in tree} == {f"/api/datasets/org/ds/tree/{plain}"}
+    assert {r.path for r in tree} == {f"/api/datasets/org/ds/tree/{commit}"}
     assert read_all(fetch(prefetch=0), [s.url for s in got]) == [data(repo, n, plain) for n in names]
     assert {r.path for r in hub_env.requests("hub", "GET", "/datasets/")} == {
-        f"/datasets/org/ds/resolve/{plain}/{n}" for n in names}
+        f"/datasets/org/ds/resolve/{commit}/{n}" for n in names}
+    assert [s.url for s in resolve(f"{REPO}@{commit}/shards/*.tar")] == [s.url for s in got]  # already pinned
+
+
+def test_a_push_to_the_branch_mid_run_changes_nothing_for_the_run(repo, tmp_path, monkeypatch):
+    """Workers and later epochs read the commit the listing saw, not whatever the branch names by then."""
+    import huggingface_hub.constants
+
+    with HubStandin({"org/ds": repo[0]}, token=TOKEN) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        importlib.reload(huggingface_hub.constants)
+        try:
+            listed = [s.url for s in resolve(f"{REPO}/shards/*.tar")]
+            manifest = [s.url for s in resolve(f"{REPO}/index.json")]
+            new = hub.move("org/ds", "main", repo[0]["v1"])  # someone pushes other shards to main
+            assert new != commit_of("org/ds", "main")
+            want = [data(repo, f"shards/shard-{i:06d}.tar") for i in range(N_SHARDS)]
+            assert read_all(fetch(prefetch=0), listed) == want
+            assert read_all(fetch(prefetch=0), manifest) == want
+            assert [s.url for s in resolve(f"{REPO}/shards/*.tar")] == [  # a new listing sees the push
+                f"{REPO}@{new}/shards/shard-{i:06d}.tar" for i in range(2)]
+        finally:
+            monkeypatch.undo()
+            importlib.reload(huggingface_hub.constants)
 
 
 def test_listing_errors_name_the_repo_not_the_token(hub_env, monkeypatch):
@@ -181,11 +213,12 @@ def test_manifest_resolves_relative_to_itself(hub_env, repo, rev):
     at = f"@{rev}" if rev else ""
     got = resolve(f"{REPO}{at}/index.json")
     names = sorted(n for r, n in repo[1] if r == (rev or "main"))
-    assert [s.url for s in got] == [f"{REPO}{at}/{n}" for n in names]
+    assert [s.url for s in got] == [f"{pinned(rev or 'main')}/{n}" for n in names]
     assert [s.samples for s in got] == [PER_SHARD] * len(names)
     assert [s.sha256 for s in got] == [hashlib.sha256(data(repo, n, rev or "main")).hexdigest() for n in names]
     calls = hub_env.requests("hub", prefix="/datasets/")
-    assert {(r.method, r.path) for r in calls} == {(m, f"/datasets/org/ds/resolve/{rev or 'main'}/index.json")
+    commit = commit_of("org/ds", rev or "main")
+    assert {(r.method, r.path) for r in calls} == {(m, f"/datasets/org/ds/resolve/{commit}/index.json")
                                                    for m in ("HEAD", "GET")}
     assert all(r.auth for r in calls)
 
@@ -281,7 +314,7 @@ def test_full_read_from_manifest_through_fetch_and_tar(hub_env, repo):
     got = [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} for s in samples]
     want = [s for i in range(N_SHARDS) for s in repo[1][("main", f"shards/shard-{i:06d}.tar")]]
     assert got == want
-    assert [s["__url__"] for s in samples] == [f"{REPO}/shards/shard-{i // PER_SHARD:06d}.tar"
+    assert [s["__url__"] for s in samples] == [f"{pinned()}/shards/shard-{i // PER_SHARD:06d}.tar"
                                                for i in range(len(want))]
     assert [(r.server, r.auth) for r in hub_env.requests(prefix="/blobs/")] == [("cdn", False)] * N_SHARDS
 
@@ -311,7 +344,7 @@ def test_hf_endpoint_set_before_start_needs_nothing_else(hub, repo, tmp_path):
     out = json.loads(proc.stdout)
     names = [f"shards/shard-{i:06d}.tar" for i in range(N_SHARDS)]
     assert out["endpoint"] == hub.url
-    assert out["urls"] == [f"{REPO}@v1/shards/shard-00000{i}.tar" for i in range(2)] + [f"{REPO}/{n}" for n in names]
+    assert out["urls"] == [f"{pinned('v1')}/shards/shard-00000{i}.tar" for i in range(2)] + [f"{pinned()}/{n}" for n in names]
     want = [data(repo, f"shards/shard-00000{i}.tar", "v1") for i in range(2)] + [data(repo, n) for n in names]
     assert out["sha256"] == [hashlib.sha256(b).hexdigest() for b in want]
     assert {r.server for r in hub.log} == {"hub", "cdn"}

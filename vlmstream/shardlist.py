@@ -95,10 +95,24 @@ def _from_manifest(url: str, data: bytes) -> list[ShardSpec]:
     return [ShardSpec(_join(url, s.url), s.samples, s.sha256, s.bytes) for s in parse_manifest(doc, url)]
 
 
+def pin_hf_revision(repo_type: str, repo_id: str, revision: str | None, token: str | bool | None) -> str:
+    """The commit a revision (a branch, a tag, None: main) names now. Shard URLs carry it instead of the name,
+    so every rank, worker and epoch reads the same files even if someone pushes to the branch mid-run."""
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from huggingface_hub import HfApi
+
+    sha = HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision, token=token).sha
+    if not sha:
+        raise FormatError(f"hf://{repo_type}s/{repo_id}: the Hub named no commit for revision {revision or 'main'!r}")
+    return sha
+
+
 def _list_hf(url: str, token: str | bool | None) -> list[ShardSpec]:
     from huggingface_hub import HfApi
 
     repo_type, repo_id, revision, pattern = parse_hf_url(url)
+    revision = pin_hf_revision(repo_type, repo_id, revision, token)
     files = set(HfApi().list_repo_files(repo_id, repo_type=repo_type, revision=revision, token=token))
     wanted = set(braceexpand.braceexpand(pattern))
     missing = sorted(w for w in wanted if w not in files and not any(c in w for c in "*?["))
@@ -123,9 +137,10 @@ def resolve(spec: str | Sequence[str], *, opener=None, hf_token: str | bool | No
             from huggingface_hub import hf_hub_download
 
             repo_type, repo_id, revision, path = parse_hf_url(spec)
+            revision = pin_hf_revision(repo_type, repo_id, revision, hf_token)
             local = hf_hub_download(repo_id, path, repo_type=repo_type, revision=revision, token=hf_token)
-            with open(local, "rb") as f:
-                return _from_manifest(spec, f.read())  # relative shard URLs: same repo and revision
+            with open(local, "rb") as f:  # relative shard URLs: same repo, same commit
+                return _from_manifest(hf_url(repo_type, repo_id, revision, path), f.read())
         return _list_hf(spec, hf_token)
     if spec.endswith(".json"):
         if opener is None:
