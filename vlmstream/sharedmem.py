@@ -5,8 +5,8 @@ and the training process maps it, one file-descriptor handoff per storage. New s
 part: the kernel allocates and zeroes each 4 KiB page on first touch. Measured on the 2-core benchmark machine:
 8 ms to stack a batch of 32 images of 3x224x224 into a new segment, 0.6 ms into ordinary memory, i.e. 0.23 ms a
 sample, a seventh of the 224 job's CPU time. So a worker copies all of a batch's tensors into one segment (one
-handoff however many tensors: a VLM batch has one per image), and under `vs.Loader` the training process hands a
-segment back to its worker once the last tensor viewing it is freed; the worker refills it instead of asking
+segment however many tensors: a VLM batch has one per image; torch still passes a descriptor per tensor, which
+is cheap), and under `vs.Loader` the training process hands a segment back to its worker once the last tensor viewing it is freed; the worker refills it instead of asking
 the kernel for new pages. A batch the user keeps is never overwritten: only freed segments come back.
 """
 
