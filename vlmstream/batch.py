@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.utils.data
 
 
 def vlm_collate(samples: Sequence[dict[str, Any]], padding: str = "left", pad_to: int | None = None) -> dict[str, Any]:
