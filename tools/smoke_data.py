@@ -1,4 +1,4 @@
-"""easy-VQA for the smoke training: records -> shards (tools/pack_shards.py), a small BPE, and nginx on loopback.
+"""easy-VQA for the smoke training: records -> shards (tools/pack_shards.py) and a small BPE.
 
     python tools/smoke_data.py out/smoke/data            # prepare only: train/, test/, tokenizer.json, info.json
 
@@ -26,10 +26,6 @@ import tempfile
 import easy_vqa
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, TOOLS)
-
-from loopback_nginx import LoopbackNginx  # noqa: E402  (tools/loopback_nginx.py)
-
 ROLES = ["system", "user", "assistant"]
 
 
@@ -108,12 +104,6 @@ def prepare(root: str, *, maxcount: int = 250, vocab_size: int = 600, questions_
     with open(info_path, "w") as f:
         json.dump(info, f, indent=1)
     return info
-
-
-# ----------------------------------------------------------------------------------------- serving (nginx)
-# smoke_train serves the prepared folder with `Nginx(root)` (`.url`, `.stop()`); nginx missing or failing to start
-# is a RuntimeError, and --no-serve reads the shards as local files instead.
-Nginx = LoopbackNginx
 
 
 def main(argv: list[str] | None = None) -> None:

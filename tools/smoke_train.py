@@ -32,7 +32,8 @@ import yaml
 import vlmstream as vs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import smoke_data  # noqa: E402  (tools/smoke_data.py: easy-VQA -> shards, nginx)
+import smoke_data  # noqa: E402  (tools/smoke_data.py: easy-VQA -> shards and a tokenizer)
+from loopback_nginx import LoopbackNginx  # noqa: E402  (tools/loopback_nginx.py: nginx serving a folder)
 
 
 # -------------------------------------------------------------------------------------------------- config
@@ -429,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
             smoke_data.prepare(root, maxcount=d["maxcount"], vocab_size=d["vocab_size"],
                                questions_per_record=d["questions_per_record"], train_images=d["train_images"],
                                test_images=d["test_images"], quiet=True)
-            server = None if args.no_serve else smoke_data.Nginx(root)
+            server = None if args.no_serve else LoopbackNginx(root)  # --no-serve: local files
             base = server.url if server else root
         if ddp:
             shared = [base]

@@ -6,8 +6,9 @@ part: the kernel allocates and zeroes each 4 KiB page on first touch. Measured o
 8 ms to stack a batch of 32 images of 3x224x224 into a new segment, 0.6 ms into ordinary memory, i.e. 0.23 ms a
 sample, a seventh of the 224 job's CPU time. So a worker copies all of a batch's tensors into one segment (one
 segment however many tensors: a VLM batch has one per image; torch still passes a descriptor per tensor, which
-is cheap), and under `vs.Loader` the training process hands a segment back to its worker once the last tensor viewing it is freed; the worker refills it instead of asking
-the kernel for new pages. A batch the user keeps is never overwritten: only freed segments come back.
+is cheap), and under `vs.Loader` the training process hands a segment back to its worker once the last tensor
+viewing it is freed; the worker refills it instead of asking the kernel for new pages. A batch the user keeps is
+never overwritten: only freed segments come back.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import threading
 import weakref
 from multiprocessing.connection import Connection
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -35,29 +36,25 @@ def _packable(t: torch.Tensor) -> bool:
     return t.layout == torch.strided and t.device.type == "cpu" and not t.is_quantized
 
 
-def _tensors(x: Any, out: list[torch.Tensor]) -> None:
+def _map(x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """The batch with ``fn`` applied to its packable tensors, through dicts, lists and tuples; metadata keys
+    (``__*``) are left as they are."""
     if isinstance(x, torch.Tensor):
-        if _packable(x):
-            out.append(x)
-    elif isinstance(x, dict):
-        for k, v in x.items():
-            if not (isinstance(k, str) and k.startswith("__")):
-                _tensors(v, out)
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            _tensors(v, out)
-
-
-def _replace(x: Any, views: dict[int, torch.Tensor]) -> Any:
-    if isinstance(x, torch.Tensor):
-        return views.get(id(x), x)
+        return fn(x) if _packable(x) else x
     if isinstance(x, dict):
-        return {k: v if isinstance(k, str) and k.startswith("__") else _replace(v, views) for k, v in x.items()}
+        return {k: v if isinstance(k, str) and k.startswith("__") else _map(v, fn) for k, v in x.items()}
     if isinstance(x, list):
-        return [_replace(v, views) for v in x]
+        return [_map(v, fn) for v in x]
     if isinstance(x, tuple):
-        return tuple(_replace(v, views) for v in x)
+        return tuple(_map(v, fn) for v in x)
     return x
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    """The packable tensors of a batch, each once, in the order met."""
+    found: dict[int, torch.Tensor] = {}
+    _map(x, lambda t: found.setdefault(id(t), t))
+    return list(found.values())
 
 
 class SegmentPool:
@@ -107,9 +104,7 @@ class SegmentPool:
     def pack(self, batch: Any) -> tuple[Any, int]:
         """The batch with its tensors copied into one segment (metadata keys, ``__*``, left alone), and the
         segment's slot (-1: none to give back)."""
-        tensors: list[torch.Tensor] = []
-        _tensors(batch, tensors)
-        unique = list({id(t): t for t in tensors}.values())
+        unique = _tensors(batch)
         total = sum(_round(t.nbytes) for t in unique)
         if not unique or total == 0:
             return batch, -1
@@ -121,7 +116,7 @@ class SegmentPool:
                 view.copy_(t)
                 views[id(t)] = view.requires_grad_() if t.requires_grad else view
                 offset += _round(t.nbytes)
-        return _replace(batch, views), slot
+        return _map(batch, lambda t: views[id(t)]), slot
 
     def ship(self, it: Iterator[Any]) -> Iterator[Any]:
         """Each output packed; dicts carry their slot as ``__shm__`` when it is to be given back."""
@@ -157,8 +152,7 @@ class Returns:
         slot = batch.pop("__shm__", None)
         if slot is None:
             return
-        tensors: list[torch.Tensor] = []
-        _tensors(batch, tensors)
+        tensors = _tensors(batch)
         if tensors:
             weakref.finalize(tensors[0].untyped_storage(), self._give_back, worker, slot)
 
