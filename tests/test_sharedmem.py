@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
+from collections import namedtuple
 
+import numpy as np
 import pytest
 import torch
 
 import vlmstream as vs
-from vlmstream.sharedmem import KEEP_FREE, Returns, SegmentPool
+from vlmstream.sharedmem import KEEP_FREE, SHM_KEY, Returns, SegmentPool, find_tensors, put
 
 
 def test_pack_puts_every_tensor_of_a_batch_in_one_segment_and_leaves_metadata_alone():
@@ -52,6 +55,79 @@ def test_a_segment_given_back_is_refilled_and_sizes_must_fit():
         writer.send_bytes(s.to_bytes(8, "little"))
     pool.take(10 ** 6)
     assert len(pool.free) <= KEEP_FREE
+
+
+Pair = namedtuple("Pair", "image label")
+
+
+def test_find_tensors_gives_paths_through_dicts_lists_and_tuples_and_put_rebuilds_tuples():
+    a, b, c = torch.zeros(2), torch.ones(3), torch.full((1,), 5)
+    batch = {"x": a, "pairs": [Pair(b, 1)], "t": (c, "s"), "__meta__": torch.ones(1), "json": [{"k": ["v", 1]}]}
+    found = {path: id(t) for path, t in find_tensors(batch)}
+    assert found == {("x",): id(a), ("pairs", 0, 0): id(b), ("t", 0): id(c)}  # metadata keys are not entered
+    out = put(batch, ("pairs", 0, 0), None)
+    out = put(out, ("t", 0), "here")
+    assert out is batch and type(out["pairs"][0]) is Pair and out["pairs"][0] == Pair(None, 1)
+    assert out["t"] == ("here", "s") and find_tensors(torch.ones(1))[0][0] == ()
+
+
+def _round_trip(pool: SegmentPool, returns: Returns, batch: dict) -> tuple[dict, tuple]:
+    shipped = pool.by_reference(batch)
+    shipment = shipped[SHM_KEY]
+    return returns.unpack(shipped, 0), shipment
+
+
+def test_by_reference_the_segment_travels_once_and_tensors_come_back_whole():
+    returns = Returns(1)
+    pool = SegmentPool(returns.readers[0])
+
+    def make(i: int) -> dict:
+        return {"x": torch.full((4, 3), i, dtype=torch.bfloat16), "w": torch.ones(2, requires_grad=True),
+                "empty": torch.zeros(0, 5), "images": [[torch.full((2, 3, 4, 4), i, dtype=torch.uint8)]],
+                "pair": (torch.tensor([i]), "label"), "__key__": ["a"]}
+
+    out, shipment = _round_trip(pool, returns, make(1))
+    assert shipment[1] is not None  # the first batch of a slot carries its segment (a descriptor)
+    assert SHM_KEY not in out and out["__key__"] == ["a"] and out["pair"][1] == "label"
+    assert out["x"].dtype == torch.bfloat16 and (out["x"] == 1).all() and out["empty"].shape == (0, 5)
+    assert out["w"].requires_grad and out["w"].is_leaf and (out["images"][0][0] == 1).all()
+    assert int(out["pair"][0]) == 1
+    slot = shipment[0]
+    del out
+    gc.collect()
+    assert returns.given_back == 1  # the last tensor freed: the segment went back to its worker
+    out, shipment = _round_trip(pool, returns, make(2))
+    assert shipment[0] == slot and shipment[1] is None  # refilled, and sent by its number alone
+    assert (out["x"] == 2).all() and (out["images"][0][0] == 2).all() and int(out["pair"][0]) == 2
+    assert pool.allocated == 1
+
+
+def test_by_reference_never_gives_back_a_segment_while_a_view_lives():
+    returns = Returns(1)
+    pool = SegmentPool(returns.readers[0])
+    out, _ = _round_trip(pool, returns, {"x": torch.arange(6)})
+    view = out["x"][2:]
+    array = out["x"].numpy()
+    del out
+    gc.collect()
+    assert returns.given_back == 0
+    del view
+    gc.collect()
+    assert returns.given_back == 0 and array[3] == 3
+    del array
+    gc.collect()
+    assert returns.given_back == 1
+
+
+def test_segments_a_worker_drops_are_dropped_by_the_training_process_too():
+    returns = Returns(1)
+    pool = SegmentPool(returns.readers[0])
+    kept = [_round_trip(pool, returns, {"x": torch.zeros(100 * 4 ** i)})[0] for i in range(KEEP_FREE + 3)]
+    assert len(returns.mapped[0]) == KEEP_FREE + 3
+    del kept
+    gc.collect()  # all given back; the next, bigger batch fits none of them: the worker lets the oldest go
+    _round_trip(pool, returns, {"x": torch.zeros(10 ** 6)})
+    assert len(returns.mapped[0]) == len(pool.segments) and len(pool.free) <= KEEP_FREE
 
 
 class Source:
@@ -99,6 +175,16 @@ def test_pinned_or_plain_dataloader_batches_carry_no_segment_key():
     out = list(dl)
     assert [int(b["i"]) for b in out] == [0, 1, 2] and all("__shm__" not in b for b in out)
     assert all(b["x"].is_shared() for b in out)
+
+
+class Arrays:
+    def __call__(self, it):
+        yield {"a": np.arange(3), "t": torch.arange(3)}
+
+
+def test_loader_hands_batches_over_as_the_pipeline_made_them():
+    (b,) = list(vs.Loader(vs.Pipeline(Arrays(), telemetry=False), num_workers=1))
+    assert isinstance(b["a"], np.ndarray) and torch.equal(b["t"], torch.arange(3))  # no torch default_convert
 
 
 @pytest.mark.parametrize("context", ["spawn"])

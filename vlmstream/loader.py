@@ -35,7 +35,10 @@ class Loader:
         self.pipeline = pipeline
         self.num_workers = num_workers
         self.epoch = epoch
-        self.kwargs = {"pin_memory": False, "prefetch_factor": 2 if num_workers else None, **dataloader_kwargs}
+        # collate_fn: batches are made in the pipeline; torch's default (default_convert) would walk and rebuild each
+        # one, every dict and list of its metadata, in the worker (0.4 ms a batch of 32 conversations, measured)
+        self.kwargs = {"pin_memory": False, "prefetch_factor": 2 if num_workers else None, "collate_fn": _as_is,
+                       **dataloader_kwargs}
         self.kwargs.setdefault("persistent_workers", False)
         self._fresh_epoch()
         self._resume: dict[str, Any] | None = None
@@ -86,7 +89,7 @@ class Loader:
             for x in times.timed(batches):
                 w = x.pop("__worker__")
                 if returns is not None:
-                    returns.track(x, w)
+                    x = returns.unpack(x, w)
                 stats = x.pop("__stats__", None)
                 if stats is not None:
                     self._worker_stats[w] = stats
@@ -177,6 +180,10 @@ class Loader:
                              f"of the saved run, got {len(states)}")
         # What is left of the epoch; the split stages share it out over this run's ranks and workers.
         self._resume = {"plan": remaining_items(self.pipeline, states)}
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
 
 
 class _LoaderTimes:

@@ -15,6 +15,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch.utils.data
 
+from .sharedmem import SegmentPool  # imported here, not in the DataLoader workers: they inherit modules
+from .telemetry import Report, Telemetry, unique_names
+
 Stage = Callable[[Iterator[Any]], Iterator[Any]]
 
 
@@ -121,8 +124,6 @@ class Pipeline(torch.utils.data.IterableDataset):
         it = self.iterate(ctx, resume.get("states", {}).get(ctx.worker), snapshots=getattr(self, "snapshots", False),
                           plan=resume.get("plan"))
         if torch.utils.data.get_worker_info() is not None:  # leaving a DataLoader worker: one segment per batch
-            from .sharedmem import SegmentPool
-
             returns = getattr(self, "returns", None)  # set by vs.Loader: segments come back through it
             it = SegmentPool(returns[ctx.worker] if returns else None).ship(it)
         return it
@@ -138,8 +139,6 @@ class Pipeline(torch.utils.data.IterableDataset):
     def _new_telemetry(self) -> Any:
         if not getattr(self, "telemetry", True):
             return None
-        from .telemetry import Telemetry, unique_names
-
         return Telemetry(unique_names(self.stages))
 
     @staticmethod
@@ -152,8 +151,6 @@ class Pipeline(torch.utils.data.IterableDataset):
     def stats(self) -> Any:
         """Per-stage telemetry of the last iteration run in this process (`vs.Loader.stats()` merges its
         DataLoader workers'): a `vlmstream.telemetry.Report`; ``.summary()`` names the bottleneck."""
-        from .telemetry import Report
-
         tel = self._telemetry
         return Report.from_raw(tel.snapshot(self.stages) if tel is not None else None)
 

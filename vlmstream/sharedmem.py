@@ -1,30 +1,42 @@
-"""Shared memory for batches leaving DataLoader workers: one segment per batch, recycled.
+"""Shared memory for batches leaving DataLoader workers: one segment per batch, recycled, sent by reference.
 
 A tensor leaving a DataLoader worker travels through shared memory: torch moves each storage into a new segment
-and the training process maps it, one file-descriptor handoff per storage. New shared pages are the expensive
-part: the kernel allocates and zeroes each 4 KiB page on first touch. Measured on the 2-core benchmark machine:
-8 ms to stack a batch of 32 images of 3x224x224 into a new segment, 0.6 ms into ordinary memory, i.e. 0.23 ms a
-sample, a seventh of the 224 job's CPU time. So a worker copies all of a batch's tensors into one segment (one
-segment however many tensors: a VLM batch has one per image; torch still passes a descriptor per tensor, which
-is cheap), and under `vs.Loader` the training process hands a segment back to its worker once the last tensor
-viewing it is freed; the worker refills it instead of asking the kernel for new pages. A batch the user keeps is
-never overwritten: only freed segments come back.
+and the training process maps it, one file-descriptor handoff per storage. Both halves are expensive here. New
+shared pages: the kernel allocates and zeroes each 4 KiB page on first touch (8 ms to stack a batch of 32 images
+of 3x224x224 into a new segment on the 2-core benchmark machine, 0.6 ms into ordinary memory). The handoff: with
+fork, multiprocessing passes each descriptor over a fresh authenticated connection to a listener thread in the
+worker, then the training process maps and later unmaps the segment (about 0.5 ms of the training process's CPU
+and 1.7 ms of the worker's per batch, measured). So a worker copies all of a batch's tensors into one segment,
+and under `vs.Loader`:
+
+- the training process keeps the segments it has seen mapped, so a batch travels as its segment's number plus
+  each tensor's place (offset, dtype, shape): the descriptor crosses once per segment, not once per batch;
+- it hands a segment back to its worker once the last tensor of the batch is freed (a finalizer on the object
+  the batch's tensors view the segment through, a pipe per worker); the worker refills it instead of asking the
+  kernel for new pages. A batch the user keeps is never overwritten: only freed segments come back.
+
+Under a plain torch DataLoader (no way back) every batch still leaves in one segment of its own, as views.
 """
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import threading
 import weakref
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 ALIGN = 64  # bytes: every tensor in a segment starts on a cache line (and on any dtype's alignment)
 KEEP_FREE = 2  # free segments a worker keeps for reuse (in a steady stream one comes back as each batch is made)
 MAX_IN_FLIGHT = 64  # segments a worker remembers as out: the rest are forgotten (freed when the user frees them)
+SHM_KEY = "__shm__"  # the batch's shipment: where its tensors are in which segment (removed by vs.Loader)
+
+Path = tuple  # keys and indexes from a batch's root to one of its tensors
 
 
 def _round(n: int) -> int:
@@ -36,25 +48,42 @@ def _packable(t: torch.Tensor) -> bool:
     return t.layout == torch.strided and t.device.type == "cpu" and not t.is_quantized
 
 
-def _map(x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """The batch with ``fn`` applied to its packable tensors, through dicts, lists and tuples; metadata keys
-    (``__*``) are left as they are."""
-    if isinstance(x, torch.Tensor):
-        return fn(x) if _packable(x) else x
-    if isinstance(x, dict):
-        return {k: v if isinstance(k, str) and k.startswith("__") else _map(v, fn) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_map(v, fn) for v in x]
-    if isinstance(x, tuple):
-        return tuple(_map(v, fn) for v in x)
-    return x
+def find_tensors(batch: Any) -> list[tuple[Path, torch.Tensor]]:
+    """(path, tensor) for every packable tensor of a batch, through dicts, lists and tuples, in one walk;
+    metadata keys (``__*``) are not entered. Leaves are passed over without building their paths: a batch's
+    conversations can hold hundreds of strings."""
+    if isinstance(batch, torch.Tensor):
+        return [((), batch)] if _packable(batch) else []
+    found: list[tuple[Path, torch.Tensor]] = []
+    todo: list[tuple[Path, Any]] = [((), batch)]
+    while todo:
+        path, x = todo.pop()
+        if isinstance(x, dict):
+            items: Any = ((k, v) for k, v in x.items() if not (isinstance(k, str) and k.startswith("__")))
+        elif isinstance(x, (list, tuple)):
+            items = enumerate(x)
+        else:
+            continue
+        for k, v in items:
+            if isinstance(v, torch.Tensor):
+                if _packable(v):
+                    found.append((path + (k,), v))
+            elif isinstance(v, (dict, list, tuple)):
+                todo.append((path + (k,), v))
+    return found
 
 
-def _tensors(x: Any) -> list[torch.Tensor]:
-    """The packable tensors of a batch, each once, in the order met."""
-    found: dict[int, torch.Tensor] = {}
-    _map(x, lambda t: found.setdefault(id(t), t))
-    return list(found.values())
+def put(root: Any, path: Path, value: Any) -> Any:
+    """``root`` with ``value`` at ``path``: dicts and lists are changed in place, tuples rebuilt."""
+    if not path:
+        return value
+    k = path[0]
+    child = put(root[k], path[1:], value)
+    if isinstance(root, tuple):
+        items = root[:k] + (child,) + root[k + 1:]
+        return root._make(items) if hasattr(root, "_make") else type(root)(items)  # namedtuples keep their type
+    root[k] = child
+    return root
 
 
 class SegmentPool:
@@ -67,6 +96,8 @@ class SegmentPool:
         self.free: list[int] = []
         self.next_slot = 0
         self.allocated = 0  # segments asked of the kernel (what recycling saves)
+        self.sent: set[int] = set()  # slots whose segment the training process has (sent once, by descriptor)
+        self.retired: list[int] = []  # slots dropped here, not yet told to the training process
 
     def _collect(self) -> None:
         if self.returns is None:
@@ -78,6 +109,12 @@ class SegmentPool:
                     self.free.append(slot)
         except (EOFError, OSError):  # the training process is gone or stopped giving back
             self.returns = None
+
+    def _drop(self, slot: int) -> None:
+        del self.segments[slot]
+        if slot in self.sent:
+            self.sent.discard(slot)
+            self.retired.append(slot)
 
     def take(self, nbytes: int) -> tuple[int, torch.UntypedStorage]:
         """A segment of at least ``nbytes`` (at most twice that: a small batch does not pin a big segment), and
@@ -93,45 +130,82 @@ class SegmentPool:
         if self.returns is None:
             return -1, segment
         while len(self.free) >= KEEP_FREE:  # none fitted: let the oldest free one go
-            del self.segments[self.free.pop(0)]
+            self._drop(self.free.pop(0))
         if len(self.segments) - len(self.free) >= MAX_IN_FLIGHT:  # the user keeps batches: stop tracking one
-            oldest = next(s for s in self.segments if s not in self.free)
-            del self.segments[oldest]
+            self._drop(next(s for s in self.segments if s not in self.free))
         slot, self.next_slot = self.next_slot, self.next_slot + 1
         self.segments[slot] = segment
         return slot, segment
 
-    def pack(self, batch: Any) -> tuple[Any, int]:
-        """The batch with its tensors copied into one segment (metadata keys, ``__*``, left alone), and the
-        segment's slot (-1: none to give back)."""
-        unique = _tensors(batch)
-        total = sum(_round(t.nbytes) for t in unique)
-        if not unique or total == 0:
-            return batch, -1
+    def _fill(self, found: list[tuple[Path, torch.Tensor]]) -> tuple[int, torch.UntypedStorage, dict[int, int]] | None:
+        """Copy each distinct tensor into one segment: its slot, the segment and each tensor's byte offset (by the
+        tensor's id); None when there are no bytes to copy."""
+        placed: dict[int, tuple[torch.Tensor, int]] = {}
+        total = 0
+        for _, t in found:
+            if id(t) not in placed:  # a tensor met twice is copied once
+                placed[id(t)] = (t, total)
+                total += _round(t.nbytes)
+        if total == 0:
+            return None
         slot, segment = self.take(total)
-        views, offset = {}, 0
         with torch.no_grad():
-            for t in unique:
-                view = torch.empty(0, dtype=t.dtype).set_(segment, offset // t.element_size(), t.shape)
-                view.copy_(t)
-                views[id(t)] = view.requires_grad_() if t.requires_grad else view
-                offset += _round(t.nbytes)
-        return _map(batch, lambda t: views[id(t)]), slot
+            for t, offset in placed.values():
+                torch.empty(0, dtype=t.dtype).set_(segment, offset // t.element_size(), t.shape).copy_(t)
+        return slot, segment, {k: offset for k, (_, offset) in placed.items()}
+
+    def pack(self, batch: Any) -> tuple[Any, int]:
+        """The batch with its tensors replaced by views of one segment (metadata keys, ``__*``, left alone), and
+        the segment's slot (-1: none to give back)."""
+        found = find_tensors(batch)
+        filled = self._fill(found)
+        if filled is None:
+            return batch, -1
+        slot, segment, offsets = filled
+        views: dict[int, torch.Tensor] = {}
+        for path, t in found:
+            view = views.get(id(t))
+            if view is None:
+                view = torch.empty(0, dtype=t.dtype).set_(segment, offsets[id(t)] // t.element_size(), t.shape)
+                views[id(t)] = view = view.requires_grad_() if t.requires_grad else view
+            batch = put(batch, path, view)
+        return batch, slot
+
+    def by_reference(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch with its tensors in one recycled segment and, in their places, None: ``SHM_KEY`` says where
+        each one is. The segment itself rides along the first time only (torch passes its descriptor)."""
+        found = find_tensors(batch)
+        filled = self._fill(found)
+        if filled is None:
+            return batch
+        slot, segment, offsets = filled
+        places = []
+        for path, t in found:
+            places.append((path, offsets[id(t)], t.dtype, tuple(t.shape), t.requires_grad))
+            batch = put(batch, path, None)
+        new = slot not in self.sent
+        self.sent.add(slot)
+        batch[SHM_KEY] = (slot, segment if new else None, self.retired, places)
+        self.retired = []
+        return batch
 
     def ship(self, it: Iterator[Any]) -> Iterator[Any]:
-        """Each output packed; dicts carry their slot as ``__shm__`` when it is to be given back."""
+        """Each output in one segment: by reference where it can come back (a dict, under vs.Loader), as views
+        of a segment of its own otherwise."""
         for x in it:
-            x, slot = self.pack(x)
-            if slot >= 0 and isinstance(x, dict):
-                x["__shm__"] = slot
-            elif slot >= 0:  # nowhere to say which segment: not recycled
-                self.segments.pop(slot, None)
-            yield x
+            if self.returns is not None and isinstance(x, dict):
+                yield self.by_reference(x)
+            else:
+                x, slot = self.pack(x)
+                self.segments.pop(slot, None)  # nowhere to say which segment: not recycled
+                yield x
 
 
 class Returns:
-    """The training process's side: a pipe per worker; `track` gives a batch's segment back to its worker when
-    the last tensor viewing it is freed (a finalizer on the segment, which may run in any thread)."""
+    """The training process's side: the segments each worker has sent, a pipe per worker to give them back.
+
+    `unpack` rebuilds a batch's tensors as views of its segment through one object per batch; a finalizer on that
+    object gives the segment back when the last of them is freed (it may run in any thread)."""
 
     def __init__(self, workers: int, context: Any = None):
         ctx = multiprocessing.get_context(context) if context is None or isinstance(context, str) else context
@@ -140,6 +214,7 @@ class Returns:
         self.writers = [w for _, w in pairs]
         for w in self.writers:
             os.set_blocking(w.fileno(), False)  # a full pipe (a stuck worker) never blocks training
+        self.mapped: list[dict[int, np.ndarray]] = [{} for _ in range(workers)]  # worker -> slot -> its bytes
         self.lock = threading.Lock()
         self.given_back = 0
 
@@ -148,13 +223,24 @@ class Returns:
         for r in self.readers:
             r.close()
 
-    def track(self, batch: dict[str, Any], worker: int) -> None:
-        slot = batch.pop("__shm__", None)
-        if slot is None:
-            return
-        tensors = _tensors(batch)
-        if tensors:
-            weakref.finalize(tensors[0].untyped_storage(), self._give_back, worker, slot)
+    def unpack(self, batch: dict[str, Any], worker: int) -> dict[str, Any]:
+        shipment = batch.pop(SHM_KEY, None)
+        if shipment is None:
+            return batch
+        slot, segment, retired, places = shipment
+        mapped = self.mapped[worker]
+        for s in retired:  # dropped by the worker: batches still alive keep their memory through their views
+            mapped.pop(s, None)
+        if segment is not None:
+            mapped[slot] = torch.empty(0, dtype=torch.uint8).set_(segment).numpy()
+        owner = mapped[slot].view()  # this batch's own handle on the segment: its tensors keep it alive
+        for path, offset, dtype, shape, requires_grad in places:
+            n = math.prod(shape)
+            t = torch.frombuffer(owner, dtype=dtype, count=n, offset=offset).view(shape) if n else \
+                torch.empty(shape, dtype=dtype)
+            batch = put(batch, path, t.requires_grad_() if requires_grad else t)
+        weakref.finalize(owner, self._give_back, worker, slot)
+        return batch
 
     def _give_back(self, worker: int, slot: int) -> None:
         with self.lock:
@@ -165,4 +251,4 @@ class Returns:
                 pass  # the worker ended (or stopped reading): the segment is simply freed
 
 
-__all__ = ["Returns", "SegmentPool"]
+__all__ = ["Returns", "SegmentPool", "find_tensors", "put"]
