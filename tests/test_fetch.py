@@ -162,6 +162,43 @@ def test_read_ahead_is_bounded_in_bytes_and_survives_early_close(blobs):
     assert not [t for t in threading.enumerate() if t.name == "vlmstream-fetch" and t.is_alive()]
 
 
+def test_read_ahead_serves_reads_of_any_size_and_recycles_its_buffers(blobs, nginx, monkeypatch):
+    import importlib
+    import random
+
+    fetch_module = importlib.import_module("vlmstream.fetch")  # vs.fetch, the stage, shadows the module's name
+    root, data = blobs
+    made = []
+    real = fetch_module._Buffers.get
+
+    def counting_get(self):
+        buf = real(self)
+        if all(buf is not b for b in made):
+            made.append(buf)
+        return buf
+
+    monkeypatch.setattr(fetch_module._Buffers, "get", counting_get)
+    chunk, budget = 64 << 10, 256 << 10
+    stage = fetch(prefetch=2, prefetch_bytes=budget, options=opts(chunk=chunk))
+    rng = random.Random(0)
+    names = sorted(data)
+    for item, name in zip(stage(iter([{"url": f"{nginx.url}/{n}"} for n in names])), names):
+        parts, f = [], item["stream"]
+        while True:  # member-sized reads, many across two or more chunks; a readinto now and then
+            if rng.random() < 0.1:
+                b = bytearray(rng.randrange(1, 3 * chunk))
+                n = f.readinto(b)
+                got = bytes(b[:n])
+            else:
+                got = f.read(rng.choice([512, 700, 60_000, 3 * chunk + 5]))
+            if not got:
+                break
+            parts.append(got)
+        f.close()
+        assert b"".join(parts) == data[name]
+    assert len(made) <= budget // chunk + 1  # 12 MB read through at most 5 buffers of 64 KiB
+
+
 def test_cache_keeps_shards_for_later_epochs_bounded_and_lru(blobs, nginx, tmp_path):
     root, data = blobs
     cache_dir = tmp_path / "cache"

@@ -130,6 +130,58 @@ def test_segments_a_worker_drops_are_dropped_by_the_training_process_too():
     assert len(returns.mapped[0]) == len(pool.segments) and len(pool.free) <= KEEP_FREE
 
 
+def test_the_last_stage_makes_the_next_batch_in_the_segment_it_leaves_in():
+    returns = Returns(1)
+    pool = SegmentPool(returns.readers[0])
+    assert pool.empty((4, 8), torch.float32).untyped_storage().nbytes() == 128  # nothing shipped yet: ordinary
+    _round_trip(pool, returns, {"x": torch.zeros(4, 8), "y": torch.zeros(2)})
+    gc.collect()  # given back
+    made = pool.empty((4, 8), torch.float32)
+    made.fill_(3)
+    (segment_slot, segment), = pool.segments.items()
+    assert made.untyped_storage().data_ptr() == segment.data_ptr()  # made in place, in the recycled segment
+    out, shipment = _round_trip(pool, returns, {"x": made, "y": torch.ones(2)})  # y is copied after it
+    offsets = {path: offset for path, offset, *_ in shipment[3]}
+    assert shipment[0] == segment_slot and offsets == {("x",): 0, ("y",): 128}
+    assert (out["x"] == 3).all() and (out["y"] == 1).all()
+    assert pool.allocated == 1
+
+
+def test_memory_made_in_place_but_not_shipped_is_never_refilled():
+    returns = Returns(1)
+    pool = SegmentPool(returns.readers[0])
+    _round_trip(pool, returns, {"x": torch.zeros(128)})
+    gc.collect()
+    held = pool.empty((64,), torch.float32)  # made for a batch that some later stage keeps back
+    held.fill_(7)
+    for i in range(5):  # the batches shipped meanwhile, each freed at once: their segments are refilled
+        _round_trip(pool, returns, {"x": torch.full((64,), float(i))})
+        gc.collect()
+    assert (held == 7).all() and returns.given_back == 6
+
+
+def test_vs_batch_in_workers_stacks_in_place_and_kept_batches_stay_intact():
+    kept, seen = None, 0
+    for b in vs.Loader(vs.Pipeline(Samples(200), vs.batch(8), telemetry=False), num_workers=2):
+        first = int(b["x"][0, 0, 0])
+        assert all(int(b["x"][r, 0, 0]) == first + r for r in range(b["x"].shape[0])) and (b["i"] == b["x"][:, 0, 0]).all()
+        seen += b["x"].shape[0]
+        if kept is None:
+            kept, kept_first = b, first
+    assert seen == 400 and all(int(kept["x"][r, 5, 5]) == kept_first + r for r in range(8))
+
+
+class Samples:
+    """A stage making n samples (module level: spawned workers import it)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, it):
+        for i in range(self.n):
+            yield {"x": torch.full((16, 16), i, dtype=torch.int32), "i": i, "__key__": str(i)}
+
+
 class Source:
     """A stage that makes n batches (module level: spawned workers import it)."""
 

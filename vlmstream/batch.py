@@ -44,20 +44,28 @@ def _is_meta(key: Any) -> bool:
     return isinstance(key, str) and key.startswith("__")
 
 
-def default_collate(samples: Sequence[Any]) -> Any:
+Empty = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def default_collate(samples: Sequence[Any], empty: Empty | None = None) -> Any:
     """Stack tensors of equal shape and numbers; keep anything else as a list (per key for dicts).
 
     Metadata keys (``__key__``, ``__url__``, ``__offset__``, ``__index__``: any starting with "__") stay plain
-    lists: they are for Python code. Tensors are stacked in ordinary memory: leaving a DataLoader worker, the
-    whole batch is copied into one recycled shared-memory segment (vlmstream/sharedmem.py).
+    lists: they are for Python code. ``empty(shape, dtype)`` gives the memory stacked tensors go to: in a
+    DataLoader worker under vs.Loader, the recycled shared-memory segment the batch leaves in
+    (vlmstream/sharedmem.py), which spares a copy and fresh pages; ordinary memory otherwise.
     """
     first = samples[0]
     if isinstance(first, dict):
-        return {k: [s[k] for s in samples] if _is_meta(k) else default_collate([s[k] for s in samples]) for k in first}
+        return {k: [s[k] for s in samples] if _is_meta(k) else default_collate([s[k] for s in samples], empty)
+                for k in first}
     if isinstance(first, tuple):
-        return tuple(default_collate(list(col)) for col in zip(*samples))
+        return tuple(default_collate(list(col), empty) for col in zip(*samples))
     if isinstance(first, torch.Tensor) and all(isinstance(s, torch.Tensor) and s.shape == first.shape for s in samples):
-        return torch.stack(list(samples))
+        if (empty is None or first.layout != torch.strided or first.device.type != "cpu"
+                or any(s.requires_grad for s in samples)):  # out= does not record gradients
+            return torch.stack(list(samples))
+        return torch.stack(list(samples), out=empty((len(samples), *first.shape), first.dtype))
     if isinstance(first, (int, float)) and not isinstance(first, bool) and all(type(s) is type(first) for s in samples):
         return torch.tensor(samples)
     return list(samples)
@@ -75,13 +83,18 @@ class batch:
         self.n, self.user_collate, self.partial = n, collate, partial
         self.padding, self.pad_to = padding, pad_to
         self.dropped = 0
+        self.empty: Empty | None = None
+
+    def bind(self, ctx: Any) -> None:
+        """As the last stage in a DataLoader worker, stack straight into the memory the batch leaves in."""
+        self.empty = ctx.memory.empty if ctx.memory is not None else None
 
     def collate(self, samples: Sequence[Any]) -> Any:
         if self.user_collate is not None:
             return self.user_collate(samples)
         if isinstance(samples[0], dict) and "input_ids" in samples[0] and "__pad_id__" in samples[0]:
             return vlm_collate(samples, self.padding, self.pad_to)
-        return default_collate(samples)
+        return default_collate(samples, self.empty)
 
     def __call__(self, it: Iterator[Any]) -> Iterator[Any]:
         buf: list[Any] = []

@@ -9,7 +9,7 @@ Nothing reaches a stage through globals or environment variables: the pipeline h
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from time import perf_counter
 from typing import Any, Callable, Iterator, Mapping
 
@@ -31,6 +31,10 @@ class Context:
     num_workers: int = 1
     seed: int = 0
     epoch: int = 0
+    # Given to the last stage only, in a DataLoader worker under vs.Loader: the SegmentPool its outputs leave the
+    # worker through. ``memory.empty(shape, dtype)`` places a tensor where it will be shipped from (vs.batch
+    # stacks there), so that it leaves without a copy.
+    memory: Any = field(default=None, compare=False, repr=False)
 
     @property
     def slot(self) -> int:
@@ -87,13 +91,14 @@ class Pipeline(torch.utils.data.IterableDataset):
         return Context(rank, world, worker, workers, self.seed, self.epoch)
 
     def iterate(self, ctx: Context, state: Mapping[str, Any] | None = None, *, snapshots: bool = False,
-                plan: list[dict[str, Any]] | None = None) -> Iterator[Any]:
+                plan: list[dict[str, Any]] | None = None, memory: SegmentPool | None = None) -> Iterator[Any]:
         """Run the chain for one explicit slot: what each DataLoader worker does, callable in tests.
 
         ``state``: a snapshot of this slot (from ``snapshots=True``) to continue from exactly.
         ``snapshots``: attach the slot's state to every output (``"__state__"``) and end with a
         ``{"__worker_done__": True}`` marker, for `vs.Loader`'s checkpoints.
         ``plan``: shard items to read instead of the source's epoch order (resuming on another topology).
+        ``memory``: where the outputs will be shipped from (``Context.memory``, for the last stage).
         """
         if state is not None:
             self._load_slot(state)
@@ -103,7 +108,7 @@ class Pipeline(torch.utils.data.IterableDataset):
         for k, stage in enumerate(self.stages):
             bind = getattr(stage, "bind", None)
             if bind is not None:
-                bind(ctx)
+                bind(replace(ctx, memory=memory) if memory is not None and k == len(self.stages) - 1 else ctx)
             if k == 0 and plan is not None:
                 it = iter([dict(item) for item in plan])
             else:
@@ -121,12 +126,13 @@ class Pipeline(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         ctx = self.context()
         resume = getattr(self, "resume", None) or {}  # set by vs.Loader, travels into the workers
-        it = self.iterate(ctx, resume.get("states", {}).get(ctx.worker), snapshots=getattr(self, "snapshots", False),
-                          plan=resume.get("plan"))
+        pool = None
         if torch.utils.data.get_worker_info() is not None:  # leaving a DataLoader worker: one segment per batch
             returns = getattr(self, "returns", None)  # set by vs.Loader: segments come back through it
-            it = SegmentPool(returns[ctx.worker] if returns else None).ship(it)
-        return it
+            pool = SegmentPool(returns[ctx.worker] if returns else None)
+        it = self.iterate(ctx, resume.get("states", {}).get(ctx.worker), snapshots=getattr(self, "snapshots", False),
+                          plan=resume.get("plan"), memory=pool if pool is not None and pool.returns else None)
+        return pool.ship(it) if pool is not None else it
 
     def with_stages(self, *stages: Stage) -> "Pipeline":
         """A pipeline with more stages appended (the same settings)."""

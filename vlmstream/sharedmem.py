@@ -86,9 +86,40 @@ def put(root: Any, path: Path, value: Any) -> Any:
     return root
 
 
+def _layout(found: list[tuple[Path, torch.Tensor]], placed: dict[int, int], start: int
+            ) -> tuple[dict[int, tuple[torch.Tensor, int]], int]:
+    """Offsets from ``start`` for the distinct tensors not already placed (a tensor met twice is placed once),
+    and the end of the last."""
+    copies: dict[int, tuple[torch.Tensor, int]] = {}
+    end = start
+    for _, t in found:
+        if id(t) not in placed and id(t) not in copies:
+            copies[id(t)] = (t, end)
+            end += _round(t.nbytes)
+    return copies, end
+
+
+def _copy(segment: torch.UntypedStorage, copies: dict[int, tuple[torch.Tensor, int]]) -> None:
+    with torch.no_grad():
+        for t, offset in copies.values():
+            torch.empty(0, dtype=t.dtype).set_(segment, offset // t.element_size(), t.shape).copy_(t)
+
+
+class _Arena:
+    """The segment reserved for the batch being made, and the spans handed out in it (byte offset, size)."""
+
+    def __init__(self, slot: int, segment: torch.UntypedStorage):
+        self.slot, self.segment, self.used = slot, segment, 0
+        self.spans: list[tuple[int, int]] = []
+
+
 class SegmentPool:
     """A worker's segments: refilled when the training process gives them back through ``returns`` (a pipe's
-    reading end), new ones otherwise. Without ``returns`` every batch gets a new segment (still one per batch)."""
+    reading end), new ones otherwise. Without ``returns`` every batch gets a new segment (still one per batch).
+
+    With ``returns``, the pipeline's last stage can make its output tensors in place (`empty`): the next batch
+    reserves a segment the size of the last one shipped, and what was made in it leaves without a copy.
+    """
 
     def __init__(self, returns: Connection | None = None):
         self.returns = returns
@@ -98,6 +129,8 @@ class SegmentPool:
         self.allocated = 0  # segments asked of the kernel (what recycling saves)
         self.sent: set[int] = set()  # slots whose segment the training process has (sent once, by descriptor)
         self.retired: list[int] = []  # slots dropped here, not yet told to the training process
+        self.arena: _Arena | None = None  # the segment the batch being made is placed in, if any
+        self.expected = 0  # bytes of the last batch shipped: what the next one reserves
 
     def _collect(self) -> None:
         if self.returns is None:
@@ -111,7 +144,9 @@ class SegmentPool:
             self.returns = None
 
     def _drop(self, slot: int) -> None:
-        del self.segments[slot]
+        self.segments.pop(slot, None)
+        if slot in self.free:
+            self.free.remove(slot)
         if slot in self.sent:
             self.sent.discard(slot)
             self.retired.append(slot)
@@ -137,22 +172,53 @@ class SegmentPool:
         self.segments[slot] = segment
         return slot, segment
 
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor for the batch being made, in the segment it will leave in when it fits the
+        reservation (the last batch's size); in ordinary memory otherwise (it is then copied when shipped)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self.arena is None and self.expected and self.returns is not None:
+            slot, segment = self.take(self.expected)
+            self.arena = _Arena(slot, segment) if slot >= 0 else None
+        arena = self.arena
+        if arena is None or arena.used + nbytes > arena.segment.nbytes():
+            return torch.empty(shape, dtype=dtype)
+        offset, arena.used = arena.used, arena.used + _round(nbytes)
+        arena.spans.append((offset, nbytes))
+        return torch.empty(0, dtype=dtype).set_(arena.segment, offset // dtype.itemsize, shape)
+
+    def _in_place(self, found: list[tuple[Path, torch.Tensor]], arena: _Arena) -> dict[int, int] | None:
+        """Each tensor's offset in the arena when every span handed out there is one of the batch's tensors,
+        contiguous and whole; None otherwise (something else holds arena memory: the arena is given up, never
+        refilled, freed once its last view is)."""
+        base = arena.segment.data_ptr()
+        offsets = {id(t): t.data_ptr() - base for _, t in found
+                   if t.untyped_storage().data_ptr() == base and t.is_contiguous()}
+        covered = {(offsets[id(t)], t.nbytes) for _, t in found if id(t) in offsets}
+        if all(span in covered for span in arena.spans):
+            return offsets
+        self._drop(arena.slot)
+        return None
+
     def _fill(self, found: list[tuple[Path, torch.Tensor]]) -> tuple[int, torch.UntypedStorage, dict[int, int]] | None:
-        """Copy each distinct tensor into one segment: its slot, the segment and each tensor's byte offset (by the
-        tensor's id); None when there are no bytes to copy."""
-        placed: dict[int, tuple[torch.Tensor, int]] = {}
-        total = 0
-        for _, t in found:
-            if id(t) not in placed:  # a tensor met twice is copied once
-                placed[id(t)] = (t, total)
-                total += _round(t.nbytes)
+        """One segment holding each distinct tensor: its slot, the segment and each tensor's byte offset (by the
+        tensor's id); None when there are no bytes to place. What was made in the arena stays there and the rest
+        is copied after it; without an arena, or when the rest does not fit, everything goes to another segment."""
+        arena, self.arena = self.arena, None
+        placed = self._in_place(found, arena) if arena is not None else None
+        if arena is not None and placed is not None:
+            copies, end = _layout(found, placed, arena.used)
+            if end <= arena.segment.nbytes():
+                _copy(arena.segment, copies)
+                self.expected = end
+                return arena.slot, arena.segment, {**placed, **{k: off for k, (_, off) in copies.items()}}
+            self._drop(arena.slot)  # too small for this batch: its tensors are copied with the rest
+        copies, total = _layout(found, {}, 0)
         if total == 0:
             return None
         slot, segment = self.take(total)
-        with torch.no_grad():
-            for t, offset in placed.values():
-                torch.empty(0, dtype=t.dtype).set_(segment, offset // t.element_size(), t.shape).copy_(t)
-        return slot, segment, {k: offset for k, (_, offset) in placed.items()}
+        _copy(segment, copies)
+        self.expected = total
+        return slot, segment, {k: off for k, (_, off) in copies.items()}
 
     def pack(self, batch: Any) -> tuple[Any, int]:
         """The batch with its tensors replaced by views of one segment (metadata keys, ``__*``, left alone), and
