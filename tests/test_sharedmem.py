@@ -65,10 +65,11 @@ def test_find_tensors_gives_paths_through_dicts_lists_and_tuples_and_put_rebuild
     batch = {"x": a, "pairs": [Pair(b, 1)], "t": (c, "s"), "__meta__": torch.ones(1), "json": [{"k": ["v", 1]}]}
     found = {path: id(t) for path, t in find_tensors(batch)}
     assert found == {("x",): id(a), ("pairs", 0, 0): id(b), ("t", 0): id(c)}  # metadata keys are not entered
-    out = put(batch, ("pairs", 0, 0), None)
-    out = put(out, ("t", 0), "here")
-    assert out is batch and type(out["pairs"][0]) is Pair and out["pairs"][0] == Pair(None, 1)
-    assert out["t"] == ("here", "s") and find_tensors(torch.ones(1))[0][0] == ()
+    out = put(batch, [(("pairs", 0, 0), None), (("t", 0), "here")])
+    assert type(out["pairs"][0]) is Pair and out["pairs"][0] == Pair(None, 1) and out["t"] == ("here", "s")
+    assert batch["pairs"][0].image is b and batch["t"][0] is c  # the batch given is left as it was
+    assert out["json"] is batch["json"]  # what is off the paths is shared, not copied
+    assert find_tensors(torch.ones(1))[0][0] == () and put(torch.ones(1), [((), 5)]) == 5
 
 
 def _round_trip(pool: SegmentPool, returns: Returns, batch: dict) -> tuple[dict, tuple]:

@@ -20,6 +20,7 @@ Under a plain torch DataLoader (no way back) every batch still leaves in one seg
 
 from __future__ import annotations
 
+import copy
 import math
 import multiprocessing
 import os
@@ -73,17 +74,20 @@ def find_tensors(batch: Any) -> list[tuple[Path, torch.Tensor]]:
     return found
 
 
-def put(root: Any, path: Path, value: Any) -> Any:
-    """``root`` with ``value`` at ``path``: dicts and lists are changed in place, tuples rebuilt."""
-    if not path:
-        return value
-    k = path[0]
-    child = put(root[k], path[1:], value)
+def put(root: Any, values: list[tuple[Path, Any]]) -> Any:
+    """A copy of ``root`` with each value at its path: only the dicts, lists and tuples on those paths are new
+    (namedtuples and dict subclasses keep their type); the batch a stage yielded is left as it was."""
+    if len(values) == 1 and not values[0][0]:
+        return values[0][1]
+    by_key: dict[Any, list[tuple[Path, Any]]] = {}
+    for path, value in values:
+        by_key.setdefault(path[0], []).append((path[1:], value))
+    new = list(root) if isinstance(root, tuple) else copy.copy(root)
+    for k, below in by_key.items():
+        new[k] = put(root[k], below)
     if isinstance(root, tuple):
-        items = root[:k] + (child,) + root[k + 1:]
-        return root._make(items) if hasattr(root, "_make") else type(root)(items)  # namedtuples keep their type
-    root[k] = child
-    return root
+        return root._make(new) if hasattr(root, "_make") else type(root)(new)
+    return new
 
 
 def _layout(found: list[tuple[Path, torch.Tensor]], placed: dict[int, int], start: int
@@ -229,13 +233,11 @@ class SegmentPool:
             return batch, -1
         slot, segment, offsets = filled
         views: dict[int, torch.Tensor] = {}
-        for path, t in found:
-            view = views.get(id(t))
-            if view is None:
+        for _, t in found:
+            if id(t) not in views:
                 view = torch.empty(0, dtype=t.dtype).set_(segment, offsets[id(t)] // t.element_size(), t.shape)
-                views[id(t)] = view = view.requires_grad_() if t.requires_grad else view
-            batch = put(batch, path, view)
-        return batch, slot
+                views[id(t)] = view.requires_grad_() if t.requires_grad else view
+        return put(batch, [(path, views[id(t)]) for path, t in found]), slot
 
     def by_reference(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch with its tensors in one recycled segment and, in their places, None: ``SHM_KEY`` says where
@@ -245,10 +247,8 @@ class SegmentPool:
         if filled is None:
             return batch
         slot, segment, offsets = filled
-        places = []
-        for path, t in found:
-            places.append((path, offsets[id(t)], t.dtype, tuple(t.shape), t.requires_grad))
-            batch = put(batch, path, None)
+        places = [(path, offsets[id(t)], t.dtype, tuple(t.shape), t.requires_grad) for path, t in found]
+        batch = put(batch, [(path, None) for path, _ in found])
         new = slot not in self.sent
         self.sent.add(slot)
         batch[SHM_KEY] = (slot, segment if new else None, self.retired, places)
@@ -300,13 +300,14 @@ class Returns:
         if segment is not None:
             mapped[slot] = torch.empty(0, dtype=torch.uint8).set_(segment).numpy()
         owner = mapped[slot].view()  # this batch's own handle on the segment: its tensors keep it alive
+        tensors = []
         for path, offset, dtype, shape, requires_grad in places:
             n = math.prod(shape)
             t = torch.frombuffer(owner, dtype=dtype, count=n, offset=offset).view(shape) if n else \
                 torch.empty(shape, dtype=dtype)
-            batch = put(batch, path, t.requires_grad_() if requires_grad else t)
+            tensors.append((path, t.requires_grad_() if requires_grad else t))
         weakref.finalize(owner, self._give_back, worker, slot)
-        return batch
+        return put(batch, tensors)
 
     def _give_back(self, worker: int, slot: int) -> None:
         with self.lock:
