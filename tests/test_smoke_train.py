@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,9 +108,8 @@ def test_ddp_two_processes_uneven_shards_same_steps_disjoint_data(workdir, tmp_p
     # 5 shards over 2 ranks x 2 workers; 12 steps run past the end of the first epoch on both ranks.
     out = run_tool(["--data", data, "--workdir", str(tmp_path), "--save-keys",
                     *sets(train__steps=12, train__ckpt_every=6)], torchrun=2, timeout=300).stdout
-    done = sorted(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("rank ")
-                  and "steps done" in line)
-    assert len(done) == 2 and all(d.startswith("12 steps done, at step 12") for d in done), out[-3000:]
+    done = re.findall(r"rank (\d): (\d+) steps done, at step (\d+)", out)
+    assert sorted(done) == [("0", "12", "12"), ("1", "12", "12")], out[-3000:]
     keys = []
     for r in range(2):
         with open(tmp_path / f"keys-rank{r}.json") as f:

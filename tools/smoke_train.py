@@ -523,7 +523,9 @@ def train(args, cfg, workdir, base, rank, world, master, device, amp, log, t_sta
             save_checkpoint(ckpt_path, raw, opt, loader, step + 1, history, cfg, world, master)
     batches.close()
     train_s, train_cpu_s = time.perf_counter() - t_train, time.process_time() - cpu_train
-    print(f"rank {rank}: {stop - start} steps done, at step {stop}, epoch {loader.epoch}", flush=True)
+    # One write with its newline: ranks share the terminal, and print() writes the end apart when unbuffered.
+    sys.stdout.write(f"rank {rank}: {stop - start} steps done, at step {stop}, epoch {loader.epoch}\n")
+    sys.stdout.flush()
     if args.save_keys:
         with open(os.path.join(workdir, f"keys-rank{rank}.json"), "w") as f:
             json.dump(keys, f)
