@@ -111,6 +111,7 @@ http {{
   access_log {self.log} vlms;
   client_body_temp_path {self.prefix}; proxy_temp_path {self.prefix}; fastcgi_temp_path {self.prefix};
   uwsgi_temp_path {self.prefix}; scgi_temp_path {self.prefix};
+  sendfile on; tcp_nopush on;  # as Debian's stock nginx.conf
   keepalive_requests 10000;
   types {{ application/json json; application/x-tar tar; }}
   server {{ listen 127.0.0.1:{self.port}; root {self.root}; location / {{ }} }}

@@ -562,8 +562,10 @@ class fetch:
     def bind(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    def open(self, item: Mapping[str, Any], client: HTTPClient) -> BinaryIO:
+    def open(self, item: Mapping[str, Any], client: HTTPClient, buffer_size: int | None = None) -> BinaryIO:
+        """The item's stream, buffered by ``buffer_size`` (default: a chunk, for a tar reader reading it directly)."""
         url = item["url"]
+        buffer_size = buffer_size or self.opts.chunk
         if self.ctx.num_workers > 1 and not item.get("worker_split") and not item.get("resampled"):
             raise ValueError(f"{self.ctx.num_workers} DataLoader workers would each read every shard: "
                              "add vs.split_by_worker() before vs.fetch()")
@@ -572,14 +574,14 @@ class fetch:
             hit = self.cache.get(url)
             if hit is not None:
                 self.stats.cache_hits += 1
-                f = open(hit, "rb", buffering=self.opts.chunk)
+                f = open(hit, "rb", buffering=buffer_size)
                 f.seek(start)
                 return f
         f = open_url(url, client=client, allow_pipe=self.allow_pipe, hf_token=self.hf_token,
-                     buffer_size=self.opts.chunk, start=start)
+                     buffer_size=buffer_size, start=start)
         self.stats.shards += 1
         if self.cache is not None and "://" in url and not start:
-            return io.BufferedReader(self.cache.tee(url, f), self.opts.chunk)
+            return io.BufferedReader(self.cache.tee(url, f), buffer_size)
         return f
 
     def shard_failed(self, error: FetchError, lost: int | None) -> None:
@@ -625,7 +627,9 @@ class fetch:
                     ready.put((item, out))
                     cancelled = lambda: stop.is_set() or out.abandoned.is_set()  # noqa: E731
                     try:
-                        with self.open(item, client) as f:
+                        # A small buffer: reads of a whole chunk then go straight into the chunk (a buffer as
+                        # large as the chunk would take each in and copy it out again).
+                        with self.open(item, client, io.DEFAULT_BUFFER_SIZE) as f:
                             while not cancelled() and budget.take(buffers.size, cancelled):
                                 buf = buffers.get()
                                 try:
