@@ -1,6 +1,7 @@
 """decode: only what is asked, any image mode to RGB, EXIF orientation, draft JPEG decoding, clear errors."""
 
 import io
+import sys
 import zlib
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 from skimage import data as skdata
 
 import vlmstream as vs
-from vlmstream.decode import open_image
+from vlmstream.decode import open_image, pixels, to_uint8
 
 
 def jpeg(arr, **kw):
@@ -96,3 +97,27 @@ def test_decompression_bomb_is_refused_before_decoding(side, limit):
     kw = {} if limit is None else {"max_pixels": limit}
     with pytest.raises(vs.DecodeError, match="exceeds the limit"):
         vs.decode(**kw).decode_sample({"__key__": "b", "png": png_claiming(side, side)})
+
+
+def test_tensor_images_come_from_pillows_memory_equal_to_a_numpy_copy(photo, monkeypatch):
+    decode_module = sys.modules["vlmstream.decode"]
+    assert decode_module._ARROW  # the pinned Pillow and pyarrow export pixels without a copy: that path is tested
+    im = Image.fromarray(photo)
+    want = torch.from_numpy(photo).permute(2, 0, 1)
+    got = to_uint8(im)
+    assert got.shape == (3, 512, 512) and torch.equal(got, want)
+    fast = vs.Resize(224)(im)
+    wide = Image.new("RGB", (2048, Image.core.get_block_size() // (2048 * 4) + 2), (9, 8, 7))  # in two blocks
+    monkeypatch.setattr(decode_module, "_ARROW", False)
+    assert torch.equal(vs.Resize(224)(im), fast)  # the numpy copy resizes to the same pixels
+    monkeypatch.undo()
+    with pytest.raises(ValueError):
+        decode_module._arrow_pixels(wide)
+    assert torch.equal(pixels(wide)[0, :3], torch.from_numpy(np.asarray(wide)).permute(2, 0, 1))  # numpy fallback
+
+
+def test_resized_images_are_views_that_the_batch_lays_out_planar(photo):
+    images = [vs.Resize(32)(Image.fromarray(np.roll(photo, k, axis=1))) for k in range(3)]
+    assert not images[0].is_contiguous()  # channel-interleaved, as the resize wrote it
+    b = vs.batch(3).collate([{"img": x} for x in images])["img"]
+    assert b.is_contiguous() and torch.equal(b, torch.stack([x.contiguous() for x in images]))

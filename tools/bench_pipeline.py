@@ -183,7 +183,7 @@ def _limit_worker(paths: list[str], draft: bool, size: int, ready: Any, go: Any,
     go.wait()
     cpu0 = time.process_time()
     for data in jpegs:
-        resize(open_image(data, draft_size))
+        resize(open_image(data, draft_size)).contiguous()  # each image as a finished [3, 224, 224] tensor
     done.put((len(jpegs), time.process_time() - cpu0))
 
 

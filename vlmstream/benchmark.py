@@ -241,7 +241,9 @@ def _limit_worker(images: list[bytes], transform: Any, draft: Any, done: Any) ->
     torch.set_num_threads(1)  # as in a DataLoader worker
     c0, t0 = time.process_time(), time.perf_counter()
     for data in images:
-        transform(open_image(data, draft))
+        out = transform(open_image(data, draft))
+        if isinstance(out, torch.Tensor):
+            out.contiguous()  # a finished planar image, as the pipeline's batches hold it (vs.Resize gives a view)
     done.put((len(images), time.perf_counter() - t0, time.process_time() - c0))
 
 
