@@ -172,15 +172,32 @@ def test_vs_batch_in_workers_stacks_in_place_and_kept_batches_stay_intact():
     assert seen == 400 and all(int(kept["x"][r, 5, 5]) == kept_first + r for r in range(8))
 
 
+def test_vs_batch_in_workers_lays_out_channel_interleaved_views_planar():
+    seen = 0
+    for b in vs.Loader(vs.Pipeline(Samples(100, interleaved=True), vs.batch(8), telemetry=False), num_workers=2):
+        x = b["x"]
+        assert x.is_contiguous() and x.shape[1:] == (3, 16, 16)
+        want = torch.stack([_interleaved(int(i)).contiguous() for i in b["i"]])
+        assert torch.equal(x, want)
+        seen += x.shape[0]
+    assert seen == 200
+
+
+def _interleaved(i: int) -> torch.Tensor:
+    """A [3, 16, 16] view of [16, 16, 3] memory, as vs.Resize gives images, each channel different."""
+    return (torch.arange(16 * 16 * 3, dtype=torch.int32).reshape(16, 16, 3) + i).permute(2, 0, 1)
+
+
 class Samples:
     """A stage making n samples (module level: spawned workers import it)."""
 
-    def __init__(self, n: int):
-        self.n = n
+    def __init__(self, n: int, interleaved: bool = False):
+        self.n, self.interleaved = n, interleaved
 
     def __call__(self, it):
         for i in range(self.n):
-            yield {"x": torch.full((16, 16), i, dtype=torch.int32), "i": i, "__key__": str(i)}
+            x = _interleaved(i) if self.interleaved else torch.full((16, 16), i, dtype=torch.int32)
+            yield {"x": x, "i": i, "__key__": str(i)}
 
 
 class Source:
