@@ -73,3 +73,14 @@ def test_draft_decoding_for_tiles_covers_the_target(tmp_path):
         {"__key__": "a", "0.jpg": buf.getvalue()})
     assert sample["0.jpg"].grid == full["0.jpg"].grid == (2, 2)
     assert (sample["0.jpg"].pixels.float() - full["0.jpg"].pixels.float()).abs().mean() < 3
+
+
+def test_tiles_of_a_resized_image_are_its_crops_and_its_global_view():
+    im = Image.fromarray(np.random.default_rng(2).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    t = vs.ImageTiles(tile=32, max_side=96, output="uint8")
+    w, h = t.size_for(*im.size)
+    resized = im.resize((w, h), Image.BICUBIC)
+    want = np.concatenate([np.asarray(resized.resize((32, 32), Image.BICUBIC)).transpose(2, 0, 1)[None],
+                           cut_tiles(np.asarray(resized), 32)])
+    got = t(im).pixels
+    assert (w, h) == (96, 96) and got.shape == (10, 3, 32, 32) and got.is_contiguous() and torch.equal(got, torch.from_numpy(want))

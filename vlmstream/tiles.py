@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .decode import pixels
+
 
 class Tiles(NamedTuple):
     """One image's tiles ([n, 3, tile, tile], float in [0, 1] or uint8) and its grid (rows, cols)."""
@@ -81,18 +83,20 @@ class ImageTiles:
         return self.size_for(width, height) if self.draft else None
 
     def __call__(self, im: Image.Image) -> Tiles:
+        """Each tile copied once, from Pillow's memory straight to its place (planar) in the output: numpy's
+        copies and the concatenation took a quarter of a 1024x1024 image's 20 ms."""
         w, h = self.size_for(*im.size)
         resized = im if im.size == (w, h) else im.resize((w, h), self.resample)
-        arr = np.asarray(resized, dtype=np.uint8)
-        grid = grid_of(w, h, self.tile)
-        parts = cut_tiles(arr, self.tile)
+        grid = rows, cols = grid_of(w, h, self.tile)
+        t = self.tile
+        out = torch.empty((num_tiles(grid), 3, t, t), dtype=torch.uint8)
+        src = pixels(resized)[0, :3].reshape(3, rows, t, cols, t)  # a view: no copy yet
+        out[-rows * cols:].view(rows, cols, 3, t, t).copy_(src.permute(1, 3, 0, 2, 4))
         if grid != (1, 1):
-            view = np.asarray(resized.resize((self.tile, self.tile), self.resample), dtype=np.uint8)
-            parts = np.concatenate([view.transpose(2, 0, 1)[None], parts])
-        pixels = torch.from_numpy(np.ascontiguousarray(parts))
+            out[0].copy_(pixels(resized.resize((t, t), self.resample))[0, :3])
         if self.output == "float":
-            pixels = pixels.float().div_(255.0)
-        return Tiles(pixels, grid)
+            out = out.float().div_(255.0)
+        return Tiles(out, grid)
 
 
 def to_unit_float(x: torch.Tensor, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
