@@ -77,10 +77,57 @@ def default_collate(samples: Sequence[Any], empty: Empty | None = None) -> Any:
     return list(samples)
 
 
+def _stackable(x: Any) -> bool:
+    return (isinstance(x, torch.Tensor) and x.layout == torch.strided and x.device.type == "cpu"
+            and not x.requires_grad)  # out= records no gradients
+
+
+class Rows:
+    """A batch of dict samples in the making, as `default_collate` would make it from them.
+
+    Each top-level tensor member is copied into its row of the batch's tensor as its sample arrives, and let go:
+    the copy reads an image still in the cache, and the memory it frees is where the next sample's image is made.
+    Copying all the rows at the end, from 32 images of 224x224 that together overflow a 2 MB L2 cache, cost
+    0.03-0.04 ms more a sample in one process on the benchmark machine. A member that stops fitting (another
+    shape or dtype, not a tensor) falls back to `default_collate`, with the rows copied so far as its values.
+    """
+
+    def __init__(self, n: int, first: dict[str, Any], empty: Empty | None = None):
+        self.n, self.empty, self.keys = n, empty, list(first)
+        self.stacks: dict[str, torch.Tensor | None] = {k: None for k, v in first.items()
+                                                       if not _is_meta(k) and _stackable(v)}
+        self.rest: list[dict[str, Any]] = []  # each sample without its stacked members
+
+    @property
+    def count(self) -> int:
+        return len(self.rest)
+
+    def add(self, sample: dict[str, Any]) -> None:
+        i, rest = len(self.rest), dict(sample)
+        for k in list(self.stacks):
+            x, out = rest.get(k), self.stacks[k]
+            if out is None:
+                shape = (self.n, *x.shape)
+                out = self.stacks[k] = self.empty(shape, x.dtype) if self.empty else torch.empty(shape, dtype=x.dtype)
+            if _stackable(x) and x.shape == out.shape[1:] and x.dtype == out.dtype:
+                out[i].copy_(x)
+                del rest[k]
+            else:
+                for j, r in enumerate(self.rest):
+                    r[k] = out[j]
+                del self.stacks[k]
+        self.rest.append(rest)
+
+    def finish(self) -> dict[str, Any]:
+        n, others = self.count, default_collate(self.rest, self.empty)
+        stacks = {k: out if n == self.n else out[:n] for k, out in self.stacks.items()}
+        return {k: stacks[k] if k in stacks else others[k] for k in self.keys}
+
+
 class batch:
     """The stage. Tokenized samples (with ``input_ids``) become the VLM batch contract (`vlm_collate`, with
-    ``padding`` and ``pad_to``); anything else goes through `default_collate` or your ``collate``.
-    ``partial=False`` drops a last, smaller batch (counted in ``dropped``)."""
+    ``padding`` and ``pad_to``); anything else goes through your ``collate``, or `default_collate` (dict samples
+    row by row as they arrive, `Rows`). ``partial=False`` drops a last, smaller batch (counted in ``dropped``)."""
 
     def __init__(self, n: int, collate: Callable[[Sequence[Any]], Any] | None = None, partial: bool = True, *,
                  padding: str = "left", pad_to: int | None = None):
@@ -102,15 +149,32 @@ class batch:
             return vlm_collate(samples, self.padding, self.pad_to)
         return default_collate(samples, self.empty)
 
+    def _collates_by_rows(self, first: Any) -> bool:
+        return (self.user_collate is None and isinstance(first, dict)
+                and not ("input_ids" in first and "__pad_id__" in first))
+
     def __call__(self, it: Iterator[Any]) -> Iterator[Any]:
         buf: list[Any] = []
+        rows: Rows | None = None
         for x in it:
+            if rows is None and not buf and self._collates_by_rows(x):
+                rows = Rows(self.n, x, self.empty)
+            if rows is not None:
+                rows.add(x)
+                x = None  # hold no tensor of the sample: the memory it frees is where the next one is made
+                if rows.count == self.n:
+                    yield rows.finish()
+                    rows = None
+                continue
             buf.append(x)
             if len(buf) == self.n:
                 yield self.collate(buf)
                 buf = []
-        if buf:
-            if self.partial:
-                yield self.collate(buf)
+        left = rows.count if rows is not None else len(buf)
+        if left:
+            if not self.partial:
+                self.dropped += left
+            elif rows is not None:
+                yield rows.finish()
             else:
-                self.dropped += len(buf)
+                yield self.collate(buf)
