@@ -121,3 +121,70 @@ def test_resized_images_are_views_that_the_batch_lays_out_planar(photo):
     assert not images[0].is_contiguous()  # channel-interleaved, as the resize wrote it
     b = vs.batch(3).collate([{"img": x} for x in images])["img"]
     assert b.is_contiguous() and torch.equal(b, torch.stack([x.contiguous() for x in images]))
+
+
+# ------------------------------------------------------------------------------------------- decoding in groups
+
+
+@pytest.fixture(scope="module")
+def vqa_index(tmp_path_factory):
+    from vlm_data import write_easyvqa_shards
+
+    return write_easyvqa_shards(str(tmp_path_factory.mktemp("vqa")), n_images=30, maxcount=10)  # 3 shards
+
+
+def _samples_of(index):
+    pipe = vs.Pipeline(vs.shards(index), vs.split_by_node(0, 1), vs.split_by_worker(), vs.fetch(), vs.tar_samples())
+    return list(pipe)
+
+
+def _plain(sample):
+    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in sample.items()}
+
+
+def test_decoding_in_groups_gives_what_sample_by_sample_gives(vqa_index):
+    samples = _samples_of(vqa_index)
+    samples[5] = {**samples[5], "0.png": b"not an image"}  # skipped, in the middle of the first group
+    samples[12] = {**samples[12], "json": b"{"}
+    grouped, single = vs.decode("uint8", on_error="skip"), vs.decode("uint8", on_error="skip", group=1)
+    got, want = [_plain(s) for s in grouped(iter(samples))], [_plain(s) for s in single(iter(samples))]
+    assert got == want and len(got) == len(samples) - 2
+    assert [list(s) for s in got] == [list(s) for s in samples if s["__key__"] not in ("000005", "000012")]
+    assert grouped.stats.skipped == single.stats.skipped == {"corrupt_image": 1, "invalid_json": 1}
+    assert grouped.stats.samples == single.stats.samples == len(samples) - 2
+
+
+def test_samples_without_a_place_in_a_shard_are_decoded_one_at_a_time(vqa_index):
+    stage = vs.decode("uint8")
+    seen = []
+
+    def source():
+        for s in _samples_of(vqa_index)[:4]:
+            seen.append(s["__key__"])
+            yield {k: v for k, v in s.items() if k not in ("__url__", "__offset__", "__index__")}
+
+    for out in stage(source()):
+        assert seen[-1] == out["__key__"] and stage.state_dict() == {}  # nothing held back
+
+
+def _loader(index, group):
+    pipe = vs.Pipeline(vs.shards(index), vs.split_by_node(0, 1), vs.split_by_worker(), vs.fetch(), vs.tar_samples(),
+                       vs.decode("uint8", group=group), vs.batch(3))
+    return vs.Loader(pipe, num_workers=0)
+
+
+def test_a_checkpoint_inside_a_group_refers_to_its_samples_and_resumes_exactly(vqa_index):
+    import json
+
+    whole = [_plain(b) for b in _loader(vqa_index, 8)]
+    assert whole == [_plain(b) for b in _loader(vqa_index, 1)]
+    loader = _loader(vqa_index, 8)
+    it = iter(loader)
+    first = [_plain(next(it)) for _ in range(2)]  # 6 samples out of the first group of 8
+    state = json.loads(json.dumps(loader.state_dict()))
+    it.close()
+    held = [st for st in state["workers"]["0"]["stages"] if isinstance(st, dict) and "refs" in st and "rng" not in st]
+    assert [len(st["refs"]) for st in held] == [2]
+    fresh = _loader(vqa_index, 8)
+    fresh.load_state_dict(state)
+    assert first + [_plain(b) for b in fresh] == whole
