@@ -188,3 +188,20 @@ def test_a_checkpoint_inside_a_group_refers_to_its_samples_and_resumes_exactly(v
     fresh = _loader(vqa_index, 8)
     fresh.load_state_dict(state)
     assert first + [_plain(b) for b in fresh] == whole
+
+
+def test_images_are_decoded_back_to_back_up_to_a_bound_of_memory(vqa_index):
+    calls = []
+
+    class Sized:  # a transform whose output holds n bytes
+        def __init__(self, n):
+            self.n = n
+
+        def __call__(self, im):
+            calls.append(im.size)
+            return torch.empty(self.n, dtype=torch.uint8)
+
+    samples = _samples_of(vqa_index)[:8]
+    for n, decoded_at_each_yield in ((1024, [8] * 8), (5 << 20, list(range(1, 9)))):  # 8 KB together; 40 MB
+        calls.clear()
+        assert [len(calls) for _ in vs.decode(Sized(n))(iter(samples))] == decoded_at_each_yield

@@ -204,6 +204,18 @@ def _reason(e: Exception, key: str) -> str:
 
 
 _PROVENANCE = {"__url__", "__offset__", "__index__"}  # what tar_samples adds: a sample's place, for checkpoints
+IMAGE_RUN_BYTES = 4 << 20  # decoded images made back to back before they are passed on (a few 224x224 batches' rows)
+
+
+def _nbytes(x: Any) -> int:
+    """Memory a decoded image holds: tensors, tiles, PIL images (4 bytes a pixel), lists of them."""
+    if isinstance(x, torch.Tensor):
+        return x.nbytes
+    if isinstance(x, Image.Image):
+        return x.width * x.height * 4
+    if isinstance(x, (tuple, list)):
+        return sum(_nbytes(v) for v in x)
+    return 0
 
 
 class decode:
@@ -217,13 +229,14 @@ class decode:
     naming shard, key, member and reason, or "skip" the sample (and "warn": also log it), counted in
     ``stats.skipped`` by reason.
 
-    Samples are decoded ``group`` at a time: first the JSON and text of all of them, then their images, so that
-    each kind of work runs with its code and data still in the cache. Decoding an image evicts what the small
-    Python work after it needs (`json.loads` of a conversation: 3 us in a loop of its own, 15-17 us right after
-    an image), and the other way round: the 224 job ran 3.8-4.9% faster with groups of 8 than sample by sample
-    (`tools/bench_ab.py`, docs/BENCHMARKS.md). The samples of a group not yet passed on are part of the
-    stage's checkpoint state, by reference, like a shuffle buffer's; samples without a place in a shard
-    (``__url__``, ``__offset__``, ``__index__``) are decoded one at a time. ``group=1``: always one at a time.
+    Samples are decoded ``group`` at a time: first the JSON and text of all of them, then their images back to
+    back (as many as fit in 4 MB of output: big tile stacks go one at a time), so that each kind of work runs with
+    its code and data still in the cache. Decoding an image evicts what the small Python work after it needs
+    (`json.loads` of a conversation: 3 us in a loop of its own, 15-17 us right after an image), and the other way
+    round: the 224 job ran 4-6% faster with groups of 8 than sample by sample (`tools/bench_ab.py`,
+    docs/BENCHMARKS.md). The samples of a group not yet passed on are part of the stage's checkpoint state, by
+    reference, like a shuffle buffer's; samples without a place in a shard (``__url__``, ``__offset__``,
+    ``__index__``) are decoded one at a time. ``group=1``: always one at a time.
     """
 
     def __init__(self, image: str | ImageTransform | None = "pil", *, json: bool = True, txt: bool = True,
@@ -241,7 +254,7 @@ class decode:
         self.unsafe_pickle = unsafe_pickle is True
         self.group = group
         self.stats = DecodeStats()
-        self.pending: list[dict[str, Any]] = []  # decoded, not yet passed on: a checkpoint refers to them
+        self.pending: list[tuple[Any, dict[str, Any]]] = []  # read, not yet passed on: a checkpoint refers to them
         self._resume: list[Any] = []  # samples of a checkpoint's group, fetched again: decoded first
         if image is not None:  # Pillow imports its format plugins on first use: here, in the process that builds the
             Image.preinit()  # pipeline, DataLoader workers inherit them instead of importing them again on their first
@@ -284,20 +297,35 @@ class decode:
 
     map_sample = decode_sample  # one sample in, one out: how a resumed pipeline rebuilds buffered samples
 
-    def _decode_group(self, samples: list[Any]) -> list[dict[str, Any]]:
-        """The samples decoded (the failed ones left out under on_error), JSON and text first, then images."""
-        outs: list[tuple[Any, dict[str, Any]]] = []
-        for images in (False, True):
-            kept = []
-            for sample, out in (outs if images else ((s, dict(s)) for s in samples)):
-                try:
-                    self._decode_into(out, sample, images)
-                except DecodeError as e:
-                    handle(self.on_error, e, self.stats, "decode")
-                    continue
-                kept.append((sample, out))
-            outs = kept
-        return [out for _, out in outs]
+    def _decode_others(self, samples: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
+        """(sample, out) with all but the images decoded into out; the failed ones left out under on_error."""
+        outs = []
+        for sample in samples:
+            out = dict(sample)
+            try:
+                self._decode_into(out, sample, images=False)
+            except DecodeError as e:
+                handle(self.on_error, e, self.stats, "decode")
+                continue
+            outs.append((sample, out))
+        return outs
+
+    def _decode_images(self, pending: list[tuple[Any, dict[str, Any]]]) -> int:
+        """Decode the images of the first samples of `pending` back to back, until their output reaches
+        `IMAGE_RUN_BYTES` (tile stacks of 16 MB go one at a time); how many were decoded. Failed ones leave
+        `pending` under on_error."""
+        done = held = 0
+        while done < len(pending) and held < IMAGE_RUN_BYTES:
+            sample, out = pending[done]
+            try:
+                self._decode_into(out, sample, images=True)
+            except DecodeError as e:
+                handle(self.on_error, e, self.stats, "decode")
+                del pending[done]
+                continue
+            held += sum(_nbytes(out[k]) for k in sample if not k.startswith("__") and is_image_ext(k))
+            done += 1
+        return done
 
     def __call__(self, it: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
         self.stats = DecodeStats()
@@ -310,16 +338,21 @@ class decode:
                     return
             if isinstance(samples[0], Mapping) and _PROVENANCE <= samples[0].keys():  # a checkpoint can refer to it
                 samples += itertools.islice(it, self.group - len(samples))
-            self.pending = self._decode_group(samples)
+            self.pending = self._decode_others(samples)  # (sample, out): a checkpoint refers to the samples
             del samples
+            ready = 0  # of pending, how many have their images decoded
             while self.pending:
-                out = self.pending.pop(0)
+                ready = ready or self._decode_images(self.pending)
+                if not ready:
+                    continue
+                sample, out = self.pending.pop(0)
+                ready -= 1
                 self.stats.samples += 1
                 yield out
-                out = None  # hold no image while the next group is decoded
+                out = sample = None  # hold no image longer than the stage must
 
     def state_dict(self) -> dict[str, Any]:
-        return encode_refs(self.pending) if self.pending else {}
+        return encode_refs([sample for sample, _ in self.pending]) if self.pending else {}
 
     def load_state_dict(self, state: Mapping[str, Any], samples: list[Any] | None = None) -> None:
         """`samples`: the decoded-but-not-passed-on samples of the checkpoint, fetched again from its references."""
