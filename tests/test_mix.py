@@ -317,3 +317,33 @@ def test_the_shipped_mixture_config_runs_through_loader_workers(tmp_path):
     loader.num_workers = 2  # this machine has 2 cores
     batches = list(loader)
     assert batches and all(b["input_ids"].dtype == torch.int64 and b["input_ids"].shape[0] <= 8 for b in batches)
+
+
+@pytest.mark.parametrize("where", ["after the mix", "in the streams"])
+def test_loader_checkpoint_with_decode_groups_resumes_exactly(data, where):
+    """vs.decode holds up to a group of samples back; a checkpoint refers to them, in or after a mix."""
+    def make():
+        extra = (lambda: (vs.decode(group=8),)) if where == "in the streams" else (lambda: ())
+        streams = [vs.Stream(n, vs.shards(data[n]), vs.split_by_node(), vs.split_by_worker(), vs.fetch(prefetch=0),
+                             vs.tar_samples(), *extra(), choose=k) for n, k in (("a", 60), ("b", 30), ("c", 20))]
+        after = (vs.decode(group=8),) if where == "after the mix" else ()
+        return vs.Pipeline(vs.mix(streams), *after, vs.batch(3), seed=1, rank=0, world_size=1)
+
+    reference = [(b["__key__"], b["txt"]) for b in vs.Loader(make(), num_workers=2)]
+    assert all(isinstance(t, str) for _, txt in reference for t in txt)  # decoded
+    loader = vs.Loader(make(), num_workers=2)
+    it = iter(loader)
+    head = [(b["__key__"], b["txt"]) for b in (next(it) for _ in range(7))]  # 21 samples: inside a group of 8
+    state = json.loads(json.dumps(loader.state_dict()))
+    del it
+    resumed = vs.Loader(make(), num_workers=2)
+    resumed.load_state_dict(state)
+    assert head + [(b["__key__"], b["txt"]) for b in resumed] == reference
+
+
+def test_streams_sharing_a_stateful_stage_are_refused(data):
+    shared = vs.decode(group=8)  # holds a group of samples back: a checkpoint reads it per stream
+    streams = [vs.Stream(n, vs.shards(data[n]), vs.split_by_node(), vs.split_by_worker(), vs.fetch(prefetch=0),
+                         vs.tar_samples(), shared) for n in ("a", "b")]
+    with pytest.raises(ValueError, match="streams 'a' and 'b' share one decode stage"):
+        vs.mix(streams)

@@ -158,6 +158,12 @@ class mix:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"stream names must be unique: {dup} repeated")
+        owner: dict[int, str] = {}
+        for st in streams:
+            for stage in st.pipeline.stages:  # a checkpoint reads each stream's stage states: one owner each
+                if hasattr(stage, "state_dict") and owner.setdefault(id(stage), st.name) != st.name:
+                    raise ValueError(f"streams {owner[id(stage)]!r} and {st.name!r} share one {type(stage).__name__} "
+                                     "stage: it keeps per-stream state (cursor, buffered samples); give each its own")
         if stop not in STOPS:
             raise ValueError(f"unknown stop {stop!r}; choose one of {STOPS}")
         if epoch_size is not None and (not isinstance(epoch_size, int) or isinstance(epoch_size, bool)
