@@ -47,6 +47,15 @@ def _is_meta(key: Any) -> bool:
 Empty = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 
+def _stackable(x: Any) -> bool:
+    """A tensor that can be copied into a batch made with out= / copy_ (which record no gradients)."""
+    return isinstance(x, torch.Tensor) and x.layout == torch.strided and x.device.type == "cpu" and not x.requires_grad
+
+
+def _batch_memory(empty: Empty | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return empty(shape, dtype) if empty is not None else torch.empty(shape, dtype=dtype)
+
+
 def default_collate(samples: Sequence[Any], empty: Empty | None = None) -> Any:
     """Stack tensors of equal shape and numbers; keep anything else as a list (per key for dicts).
 
@@ -62,11 +71,9 @@ def default_collate(samples: Sequence[Any], empty: Empty | None = None) -> Any:
     if isinstance(first, tuple):
         return tuple(default_collate(list(col), empty) for col in zip(*samples))
     if isinstance(first, torch.Tensor) and all(isinstance(s, torch.Tensor) and s.shape == first.shape for s in samples):
-        if (first.layout != torch.strided or first.device.type != "cpu"
-                or any(s.requires_grad or s.dtype != first.dtype for s in samples)):  # out= records no gradients
+        if not all(_stackable(s) and s.dtype == first.dtype for s in samples):
             return torch.stack(list(samples))
-        shape = (len(samples), *first.shape)
-        out = empty(shape, first.dtype) if empty is not None else torch.empty(shape, dtype=first.dtype)
+        out = _batch_memory(empty, (len(samples), *first.shape), first.dtype)
         if all(s.is_contiguous() for s in samples):
             return torch.stack(list(samples), out=out)
         for row, s in zip(out, samples):  # channel-interleaved images (vs.Resize): made planar in this one copy,
@@ -75,11 +82,6 @@ def default_collate(samples: Sequence[Any], empty: Empty | None = None) -> Any:
     if isinstance(first, (int, float)) and not isinstance(first, bool) and all(type(s) is type(first) for s in samples):
         return torch.tensor(samples)
     return list(samples)
-
-
-def _stackable(x: Any) -> bool:
-    return (isinstance(x, torch.Tensor) and x.layout == torch.strided and x.device.type == "cpu"
-            and not x.requires_grad)  # out= records no gradients
 
 
 class Rows:
@@ -95,8 +97,8 @@ class Rows:
 
     def __init__(self, n: int, first: dict[str, Any], empty: Empty | None = None):
         self.n, self.empty, self.keys = n, empty, list(first)
-        self.stacks: dict[str, torch.Tensor | None] = {k: None for k, v in first.items()
-                                                       if not _is_meta(k) and _stackable(v)}
+        self.stacks: dict[str, torch.Tensor] = {k: _batch_memory(empty, (n, *v.shape), v.dtype)
+                                                for k, v in first.items() if not _is_meta(k) and _stackable(v)}
         self.rest: list[dict[str, Any]] = []  # each sample without its stacked members
 
     @property
@@ -107,9 +109,6 @@ class Rows:
         i, rest = len(self.rest), dict(sample)
         for k in list(self.stacks):
             x, out = rest.get(k), self.stacks[k]
-            if out is None:
-                shape = (self.n, *x.shape)
-                out = self.stacks[k] = self.empty(shape, x.dtype) if self.empty else torch.empty(shape, dtype=x.dtype)
             if _stackable(x) and x.shape == out.shape[1:] and x.dtype == out.dtype:
                 out[i].copy_(x)
                 del rest[k]
