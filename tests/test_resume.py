@@ -68,7 +68,7 @@ def test_state_is_versioned_and_checked(vqa, tok):
     loader = vlm_loader(vqa, tok, workers=0)
     next(iter(loader))
     state = loader.state_dict()
-    assert state["version"] == 1 and state["workers"]["0"]["version"] == 1
+    assert state["version"] == 2 and state["workers"]["0"]["version"] == 2
     with pytest.raises(ValueError, match="version"):
         loader.load_state_dict({**state, "version": 99})
 

@@ -392,6 +392,21 @@ def test_offset_seeks_to_the_samples_first_header(format):
     assert len(long) == (0 if format == tarfile.USTAR_FORMAT else 3)
 
 
+def test_errors_after_a_resume_name_offsets_from_the_shards_start():
+    data = bytearray(make_tar(sample_members(6)))
+    samples = list(read_tar_samples(io.BytesIO(bytes(data)), URL))
+    start, bad = samples[2], samples[4]["__offset__"]
+    data[bad + 10] ^= 0xFF  # a bad header checksum at an offset counted from the start
+    stream = io.BytesIO(bytes(data))
+    stream.seek(start["__offset__"])
+    item = {"url": URL, "stream": stream, "start_offset": start["__offset__"], "start_index": start["__index__"]}
+    got = []
+    with pytest.raises(TarError, match=f"offset {bad}: bad header checksum"):
+        for s in tar_samples().read(item):
+            got.append(s["__key__"])
+    assert got == [samples[2]["__key__"]]  # sample 3 might have had more members: open at the break
+
+
 def test_offset_is_in_the_uncompressed_stream():
     data = make_tar(sample_members(3))
     samples = list(read_tar_samples(io.BytesIO(gzip.compress(data)), URL))

@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from .errors import ErrorCounts, Reasoned, check_policy, handle, redact
 from .format import is_image_ext
-from .refs import encode_refs
+from .checkpoint import encode_refs
 
 PICKLE_EXTS = ("pyd", "pickle", "pkl")  # pickle.loads: runs code from the shard; only with unsafe_pickle=True
 TORCH_EXTS = ("pth", "pt")  # torch.load(weights_only=False): the same

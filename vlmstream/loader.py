@@ -17,10 +17,12 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch.utils.data
 
-from .pipeline import Context, Pipeline, distributed_rank_world
+from .checkpoint import (STATE_VERSION, ShardIndex, check_cursor, decode_plan, decode_refs, encode_plan, fingerprint,
+                         seal, unseal)
+from .pipeline import Context, Pipeline, distributed_rank_world, ref_items
 from .sharedmem import Returns
-
-LOADER_STATE_VERSION = 1
+from .split import SlotCursor, resume_items
+from .tar import TarSamples
 
 
 class Loader:
@@ -44,8 +46,10 @@ class Loader:
         self._resume: dict[str, Any] | None = None
         self._worker_stats: dict[int, Any] = {}  # worker -> its latest telemetry snapshot (this iteration)
         self._times: dict[str, Any] = {}  # the training process's side of the telemetry
+        self._fingerprint: str | None = None  # of the pipeline's shard lists, for checkpoints
 
     def _fresh_epoch(self) -> None:
+        self.plan: list[dict[str, Any]] | None = None  # the rest of an epoch resumed on another topology
         self.states: dict[int, Any] = {}  # worker -> state after the last batch delivered from it
         self.done: set[int] = set()  # workers whose stream ended
         self.next_worker = 0
@@ -137,10 +141,14 @@ class Loader:
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything that decides what comes next: JSON-serialisable; keep it beside the model checkpoint."""
+        """Everything that decides what comes next: JSON-serialisable; keep it beside the model checkpoint.
+        It names the data it was taken on and carries a digest over itself (vlmstream/checkpoint.py)."""
         rank, world = self._where()
-        return {
-            "version": LOADER_STATE_VERSION,
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.pipeline)
+        return seal({
+            "version": STATE_VERSION,
+            "data": self._fingerprint,
             "epoch": self.epoch,
             "rank": rank,
             "world_size": world,
@@ -149,15 +157,18 @@ class Loader:
             "done": sorted(self.done),
             "delivered": self.delivered,
             "workers": {str(w): s for w, s in sorted(self.states.items())},
-        }
+            **({} if self.plan is None else {"plan": encode_plan(self.plan, self.pipeline.stages[0])}),
+        })
 
     def load_state_dict(self, state: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
         """Resume from this rank's state, or from the states of every rank of the run that saved them
-        (a list: needed when the world size changed, since samples move between ranks)."""
-        states = [state] if isinstance(state, Mapping) else list(state)
-        for s in states:
-            if s.get("version") != LOADER_STATE_VERSION:
-                raise ValueError(f"loader state version {s.get('version')!r}; this vlmstream reads {LOADER_STATE_VERSION}")
+        (a list: needed when the world size changed, since samples move between ranks).
+
+        Each state is checked before it is used: its digest, the data it was taken on, and every place it
+        points at; a state that does not fit is refused with the reason."""
+        checked = [_checked(s, self.pipeline) for s in ([state] if isinstance(state, Mapping) else list(state))]
+        states = [s for s, _ in checked]
+        plan = checked[0][1]
         rank, world = self._where()
         first = states[0]
         self.epoch = first["epoch"]
@@ -170,16 +181,79 @@ class Loader:
             s = mine[0]
             self.states = {int(w): v for w, v in s["workers"].items()}
             self.done, self.next_worker, self.delivered = set(s["done"]), s["next_worker"], s["delivered"]
-            self._resume = {"states": dict(self.states)}
+            self.plan = plan
+            self._resume = {"states": dict(self.states), "plan": plan}
             return
         if any(hasattr(stage, "streams") for stage in self.pipeline.stages):
             raise ValueError("a mixed pipeline (vs.mix) resumes on the same topology only: keep the world size "
                              f"({first['world_size']}) and workers ({first['num_workers']}) for the rest of this epoch")
-        if len(states) != first["world_size"]:
+        ranks = sorted(s["rank"] for s in states)
+        if ranks != list(range(first["world_size"])) or any(
+                (s["epoch"], s["world_size"], s["num_workers"], s.get("plan")) != (
+                    first["epoch"], first["world_size"], first["num_workers"], first.get("plan")) for s in states):
             raise ValueError(f"resuming on another topology needs the states of all {first['world_size']} ranks "
-                             f"of the saved run, got {len(states)}")
+                             f"of the saved run, in one epoch; got ranks {ranks}")
         # What is left of the epoch; the split stages share it out over this run's ranks and workers.
-        self._resume = {"plan": remaining_items(self.pipeline, states)}
+        self.plan = remaining_items(self.pipeline, states, plan)
+        self._resume = {"plan": self.plan}
+
+
+def _checked(state: Mapping[str, Any], pipe: Pipeline) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """A loader state whose digest, data and topology fields hold, and whose slots fit this pipeline's shards;
+    with the plan it was running (None: the epoch's own order)."""
+    if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+        found = state.get("version") if isinstance(state, Mapping) else type(state).__name__
+        raise ValueError(f"loader state version {found!r}; this vlmstream reads {STATE_VERSION}")
+    state = unseal(state)
+    if state.get("data") != fingerprint(pipe):
+        raise ValueError("checkpoint: the state was taken on another shard list (shards reordered, added, removed "
+                         "or repacked since): resuming it here would deliver wrong samples. Resume on the same data "
+                         "(an hf:// branch that moved: name the commit), or start the epoch afresh")
+    try:
+        world, workers, rank = state["world_size"], state["num_workers"], state["rank"]
+        slots = max(1, workers)
+        ok = (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world
+              and isinstance(workers, int) and workers >= 0 and isinstance(state["epoch"], int) and state["epoch"] >= 0
+              and state["next_worker"] in range(slots) and set(state["done"]) <= set(range(slots))
+              and {int(w) for w in state["workers"]} <= set(range(slots)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint: malformed loader state ({type(e).__name__}: {e})") from None
+    if not ok:
+        raise ValueError(f"checkpoint: loader state fields out of range: rank {rank} of {world}, {workers} workers, "
+                         f"next worker {state['next_worker']}, done {state['done']}")
+    shards = ShardIndex(pipe)
+    plan = decode_plan(state["plan"], pipe.stages[0], shards) if "plan" in state else None
+    for w, slot in state["workers"].items():
+        ctx = Context(rank, world, int(w), slots, pipe.seed, state["epoch"])
+        check_slot(pipe, slot, ctx, shards, plan=plan)
+    return state, plan
+
+
+def check_slot(pipe: Pipeline, slot: Any, ctx: Context, shards: ShardIndex, stream: str | None = None,
+               plan: list[dict[str, Any]] | None = None) -> None:
+    """A slot's state against the slot it claims to be and the shards that slot holds (no I/O)."""
+    where = f"slot rank {ctx.rank} worker {ctx.worker}" + ("" if stream is None else f" of stream {stream!r}")
+    if not isinstance(slot, Mapping) or slot.get("version") != STATE_VERSION or \
+            not isinstance(slot.get("stages"), list) or len(slot["stages"]) != len(pipe.stages):
+        raise ValueError(f"checkpoint: {where}: malformed slot state (or one of another pipeline)")
+    if list(slot.get("slot", [])) != [ctx.rank, ctx.world_size, ctx.worker, ctx.num_workers]:
+        raise ValueError(f"checkpoint: {where}: the state says slot {slot.get('slot')}")
+    ctx = Context(ctx.rank, ctx.world_size, ctx.worker, ctx.num_workers, ctx.seed, slot.get("epoch", ctx.epoch))
+    reader = pipe._reader_index() if any(isinstance(s, TarSamples) for s in pipe.stages) else None
+    for k, (stage, st) in enumerate(zip(pipe.stages, slot["stages"])):
+        if st is None:
+            continue
+        if isinstance(st, Mapping) and "refs" in st:
+            decode_refs(st, shards)  # each reference names its stream: checked against that stream's list
+        if k == reader:
+            check_cursor(st, _slot_items(pipe, ctx, reader, plan), shards, where)
+        if hasattr(stage, "streams") and isinstance(st, Mapping):
+            for name, sub in (st.get("streams") or {}).items():
+                if name not in stage.streams:
+                    raise ValueError(f"checkpoint: {where}: no stream {name!r} in this mix")
+                if sub is not None:  # a stream's samples are its own pipeline's until the mix draws them
+                    sub_pipe = stage.streams[name].pipeline
+                    check_slot(sub_pipe, sub, ctx, ShardIndex(sub_pipe), name)
 
 
 def _as_is(batch: Any) -> Any:
@@ -227,51 +301,48 @@ class _LoaderTimes:
                 "first_batch_s": d["first_batch_s"], "workers": d["workers"]}
 
 
-def remaining_items(pipe: Pipeline, states: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def remaining_items(pipe: Pipeline, states: Sequence[Mapping[str, Any]], plan: list[dict[str, Any]] | None = None
+                    ) -> list[dict[str, Any]]:
     """The shard items of the saved epoch not yet delivered: unfinished shards from where they stopped, and
-    the samples that sat in buffers, as reference items. Padding and quotas of the old split are dropped."""
-    from .refs import decode_refs, url_resolver
-
-    resolve = url_resolver(pipe)  # states hold URLs redacted
+    the samples that sat in buffers, as reference items. Padding and quotas of the old split are dropped.
+    ``plan``: what the saved run read instead of the epoch's order (it was itself resumed on another topology)."""
+    shards = ShardIndex(pipe)  # states hold URLs redacted
     reader = pipe._reader_index()
     out: list[dict[str, Any]] = []
-    refs: dict[str, list[tuple[int, int]]] = {}
+    refs: list[tuple] = []
     for st in states:
         workers = st["num_workers"] or 1
         for w in range(max(1, workers)):
             slot = st["workers"].get(str(w))
             ctx = Context(st["rank"], st["world_size"], w, max(1, workers), pipe.seed, st["epoch"])
-            items = _slot_items(pipe, ctx, reader)
-            cursor = slot["stages"][reader] if slot is not None else None
-            done_items = cursor["item"] if cursor else 0
-            for k, item in enumerate(items):
-                if k < done_items or item.get("padding"):
-                    continue
-                item = {key: v for key, v in item.items() if key not in ("quota", "slot_total", "node_split", "worker_split")}
-                if k == done_items and cursor and cursor["index"] is not None:
-                    item["skip_through"] = cursor["index"]
+            items = _slot_items(pipe, ctx, reader, plan)
+            cursor = SlotCursor(**slot["stages"][reader]) if slot is not None else SlotCursor()
+            left = [{key: v for key, v in item.items() if key not in ("quota", "slot_total", "node_split",
+                                                                     "worker_split")}
+                    for item in items if not item.get("padding")]
+            for item in resume_items(iter(left), cursor):
+                if "skip_through" in item:
                     item["samples"] = None
-                    if "refs" not in item and not item["url"].endswith((".gz", ".tgz")):
-                        item.update(start_offset=cursor["offset"], start_index=cursor["index"])
                 out.append({**item, "resumed": True})
             if slot is not None:
-                for k, st_k in enumerate(slot["stages"]):
+                for st_k in slot["stages"]:
                     if isinstance(st_k, dict) and "refs" in st_k:
-                        for _, url, offset, index in decode_refs(st_k, resolve):
-                            refs.setdefault(url, []).append((offset, index))
-    for url, places in sorted(refs.items()):
-        places.sort()
-        out.append({"url": url, "refs": [i for _, i in places], "start_offset": places[0][0],
-                    "start_index": places[0][1], "samples": len(places), "resumed": True})
+                        refs += decode_refs(st_k, shards)
+    out += [{**item, "resumed": True} for item in sorted(ref_items(refs), key=lambda i: i["url"])]
     return out
 
 
-def _slot_items(pipe: Pipeline, ctx: Context, reader: int) -> list[dict[str, Any]]:
-    """The shard items a slot of the saved run held: its list stages run again (no I/O: lists are resolved)."""
+def _slot_items(pipe: Pipeline, ctx: Context, reader: int, plan: list[dict[str, Any]] | None = None
+                ) -> list[dict[str, Any]]:
+    """The shard items a slot of the saved run held: its list stages run again (no I/O: lists are resolved),
+    on the plan it read instead of the source's epoch order where there was one."""
     opener = pipe._opener_index()
     stop = opener if opener >= 0 else reader
     it: Iterator[Any] = iter(())
-    for stage in pipe.stages[:stop]:
+    for k, stage in enumerate(pipe.stages[:stop]):
+        if k == 0 and plan is not None:
+            it = iter([dict(item) for item in plan])
+            continue
         stage = copy.copy(stage)
         if hasattr(stage, "bind"):
             stage.bind(ctx)

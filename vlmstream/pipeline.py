@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch.utils.data
 
+from .checkpoint import STATE_VERSION, ShardIndex, decode_refs
 from .sharedmem import SegmentPool  # imported here, not in the DataLoader workers: they inherit modules
 from .telemetry import Report, Telemetry, unique_names
 
@@ -58,6 +59,22 @@ def distributed_rank_world(environ: Mapping[str, str] | None = None) -> tuple[in
     return 0, 1
 
 
+def _topology(stages: list[Stage], rank: int | None, world_size: int | None) -> tuple[int | None, int | None]:
+    """The pipeline's rank and world size: given here, or declared by a stage (``split_by_node(rank=...,
+    world_size=...)``), or None (read from torch.distributed where an iteration starts). One place decides,
+    so that checkpoints record the topology the slots really had, however it was supplied."""
+    declared = {t for s in stages if (t := getattr(s, "declared_topology", lambda: None)()) is not None}
+    if len(declared) > 1:
+        raise ValueError(f"stages declare different ranks and world sizes: {sorted(declared)}")
+    if not declared:
+        return rank, world_size
+    (d_rank, d_world), = declared
+    if (rank is not None and rank != d_rank) or (world_size is not None and world_size != d_world):
+        raise ValueError(f"split_by_node(rank={d_rank}, world_size={d_world}) contradicts "
+                         f"Pipeline(rank={rank}, world_size={world_size})")
+    return d_rank, d_world
+
+
 class Pipeline(torch.utils.data.IterableDataset):
     """Stages chained in order; the first is a source (it ignores its input, e.g. `shards`).
 
@@ -74,7 +91,7 @@ class Pipeline(torch.utils.data.IterableDataset):
         self.stages = list(stages)
         self.seed = seed
         self.epoch = 0
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size = _topology(self.stages, rank, world_size)
         self.telemetry = telemetry  # per-stage counters and timers (vlmstream/telemetry.py); False: none
         self._telemetry: Any = None  # the counters of the last iteration in this process
 
@@ -227,13 +244,9 @@ class Pipeline(torch.utils.data.IterableDataset):
         reader = self._reader_index()
         opener = self._opener_index()
         fetcher = self.stages[opener] if opener != reader else None
-        by_url: dict[str, list[tuple[int, int]]] = {}
-        for _, url, offset, index in refs:
-            by_url.setdefault(url, []).append((offset, index))
         found: dict[tuple[str, int], Any] = {}
-        for url, places in by_url.items():
-            places.sort()
-            item = {"url": url, "refs": [i for _, i in places], "start_offset": places[0][0], "start_index": places[0][1]}
+        for item in ref_items(refs):
+            url = item["url"]
             if fetcher is not None:
                 from .fetch import FetchStats, HTTPClient
 
@@ -241,7 +254,7 @@ class Pipeline(torch.utils.data.IterableDataset):
             else:
                 from .fetch import open_url
 
-                stream = open_url(url, start=places[0][0])
+                stream = open_url(url, start=item["start_offset"])
             for sample in self.stages[reader].read({**item, "stream": stream}):
                 found[(url, sample["__index__"])] = sample
         return found
@@ -249,9 +262,7 @@ class Pipeline(torch.utils.data.IterableDataset):
     def rematerialize(self, refs_state: Mapping[str, Any], upto: int) -> list[Any]:
         """Buffered samples fetched again by reference (through their stream's reader, under vs.mix), then
         passed through the one-in-one-out stages (decode, tokenize) between the producer and stage `upto`."""
-        from .refs import decode_refs, url_resolver
-
-        refs = decode_refs(refs_state, url_resolver(self))  # states hold URLs redacted
+        refs = decode_refs(refs_state, ShardIndex(self))  # states hold URLs redacted
         producer = self._producer_index()
         found: dict[tuple[Any, str, int], Any] = {}
         for source in {r[0] for r in refs}:
@@ -260,7 +271,7 @@ class Pipeline(torch.utils.data.IterableDataset):
             for (url, index), sample in pipe.read_refs(part).items():
                 found[(source, url, index)] = sample
         out = []
-        for source, url, _, index in refs:
+        for source, url, _, index, _ in refs:
             sample = found[(source, url, index)]
             if source is not None:
                 sample["__source__"] = source
@@ -274,4 +285,16 @@ class Pipeline(torch.utils.data.IterableDataset):
         return out
 
 
-STATE_VERSION = 1
+def ref_items(refs: list[tuple]) -> list[dict[str, Any]]:
+    """Shard items that read the referenced samples again: one per shard, from its first referenced byte."""
+    by_url: dict[str, list[tuple[int, int, str]]] = {}
+    for _, url, offset, index, key in refs:
+        by_url.setdefault(url, []).append((offset, index, key))
+    items = []
+    for url, places in by_url.items():
+        places.sort()
+        items.append({"url": url, "refs": [[i, k] for _, i, k in places], "start_offset": places[0][0],
+                      "start_index": places[0][1], "samples": len(places)})
+    return items
+
+

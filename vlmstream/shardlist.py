@@ -220,9 +220,11 @@ class shards:
         if self.resample:
             rng = random.Random(f"vlmstream.resample/{seed}/{c.epoch}/{c.rank}/{c.worker}")
             while True:
-                i = rng.randrange(n)
-                s = self.specs[i]
-                yield {"url": s.url, "shard": i, "samples": s.samples, "num_shards": n, "resampled": True}
+                yield {**self.item(rng.randrange(n)), "resampled": True}
         for i in epoch_order(n, seed, c.epoch, self.shuffle):
-            s = self.specs[i]
-            yield {"url": s.url, "shard": i, "samples": s.samples, "num_shards": n}
+            yield self.item(i)
+
+    def item(self, i: int) -> dict[str, Any]:
+        """The item of shard ``i`` of the resolved list, as this stage yields it."""
+        s = self.specs[i]
+        return {"url": s.url, "shard": i, "samples": s.samples, "num_shards": len(self.specs)}

@@ -6,7 +6,7 @@ import random
 from typing import Any, Iterator
 
 from .pipeline import Context
-from .refs import encode_refs, rng_from, rng_state
+from .checkpoint import encode_refs, rng_from, rng_state
 
 _END = object()
 

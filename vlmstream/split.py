@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from .errors import redact
 from .pipeline import Context
 
 T = TypeVar("T")
@@ -153,7 +154,7 @@ def _pad(items: list[dict[str, Any]], quota: int) -> list[dict[str, Any]]:
 
 
 class split_by_node:
-    """Keep this rank's shards. Rank and world size come from the pipeline unless given here.
+    """Keep this rank's shards. Rank and world size come from the pipeline; given here, the pipeline adopts them.
 
     ``equalize="pad"|"drop"`` makes every rank yield the same number of samples (needs a manifest's counts):
     ranks with fewer repeat samples ("pad"), or ranks with more stop early ("drop"); counted in the stats.
@@ -165,16 +166,23 @@ class split_by_node:
                  equalize: str | None = None, samples: bool = False):
         if equalize is not None:
             equal_quota([], equalize)  # validates the policy name
+        if (rank is None) != (world_size is None):
+            raise ValueError(f"split_by_node: give rank and world_size together (got rank={rank}, "
+                             f"world_size={world_size})")
+        if rank is not None and not 0 <= rank < world_size:
+            raise ValueError(f"split_by_node: rank {rank} out of range for world_size {world_size}")
         self.rank, self.world_size, self.equalize, self.samples = rank, world_size, equalize, samples
-        self.ctx = Context()
+        self.ctx = Context() if rank is None else Context(rank=rank, world_size=world_size)
+
+    def declared_topology(self) -> tuple[int, int] | None:
+        """Rank and world size given here: the pipeline adopts them for every stage and for its checkpoints."""
+        return None if self.rank is None else (self.rank, self.world_size)
 
     def bind(self, ctx: Context) -> None:
         self.ctx = ctx
 
     def where(self) -> tuple[int, int]:
-        rank = self.ctx.rank if self.rank is None else self.rank
-        world = self.ctx.world_size if self.world_size is None else self.world_size
-        return rank, world
+        return self.ctx.rank, self.ctx.world_size
 
     def __call__(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         items, endless = _finite(it)
@@ -248,11 +256,13 @@ class QuotaStats:
 
 @dataclass
 class SlotCursor:
-    """How far a slot got: the resume point a checkpoint records (small: a few integers)."""
+    """How far a slot got: the resume point a checkpoint records (small: a few numbers, a key and a URL)."""
 
     item: int = 0  # items of the slot's list finished
     index: int | None = None  # __index__ of the last sample yielded from the current item
     offset: int | None = None  # that sample's __offset__
+    key: str | None = None  # its __key__: checked where the resumed reader meets it again
+    url: str | None = None  # its shard, redacted: checked against the item the resumed slot holds there
     count: int = 0  # samples yielded so far (the quota counts these)
     real: int = 0  # of which not padding
 
@@ -267,7 +277,10 @@ def resume_items(items: Iterator[dict[str, Any]], cursor: SlotCursor) -> Iterato
         if k < cursor.item:
             continue
         if k == cursor.item and cursor.index is not None:
-            item = {**item, "skip_through": cursor.index}
+            if redact(item["url"]) != cursor.url:  # never read at an offset that belongs to another shard
+                raise ValueError(f"checkpoint: the slot's item {k} is {redact(item['url'])}, but its cursor is in "
+                                 f"{cursor.url}: the state does not fit these shards")
+            item = {**item, "skip_through": cursor.index, "skip_key": cursor.key}
             compressed = item["url"].endswith((".gz", ".tgz"))  # offsets are uncompressed: re-read and skip
             if "refs" not in item and not compressed:
                 item.update(start_offset=cursor.offset, start_index=cursor.index)
@@ -293,6 +306,7 @@ def slot_samples(items: Iterator[dict[str, Any]], read: Any, stats: QuotaStats |
                 if step > 1 and sample["__index__"] % step != off:
                     continue
                 cursor.index, cursor.offset = sample["__index__"], sample["__offset__"]
+                cursor.key, cursor.url = sample.get("__key__"), sample.get("__url__")
                 cursor.count += 1
                 cursor.real += not padding
                 stats.padded += padding
@@ -304,6 +318,6 @@ def slot_samples(items: Iterator[dict[str, Any]], read: Any, stats: QuotaStats |
             if close is not None:
                 close()
         cursor.item += 1
-        cursor.index = cursor.offset = None
+        cursor.index = cursor.offset = cursor.key = cursor.url = None
     if quota is not None and total is not None:
         stats.dropped += max(0, total - cursor.real - stats.unread)  # from the manifest, never silent

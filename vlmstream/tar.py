@@ -98,12 +98,15 @@ class BadSample:
 
 
 def iter_members(
-    stream: Readable, url: str, *, max_member_bytes: int | None = None, skip_oversize: bool = False
+    stream: Readable, url: str, *, max_member_bytes: int | None = None, skip_oversize: bool = False,
+    base_offset: int = 0,
 ) -> Iterator[tuple[str, bytes, int]]:
     """Yield ``(name, data, offset)`` for each regular member, reading ``stream`` front to back (no seek).
 
     ``offset`` is where the member's first header (a GNU longname or pax header, if any) starts in the
-    uncompressed tar stream. Gzip-compressed shards are detected from their first bytes and decompressed.
+    uncompressed tar stream; ``base_offset`` is where ``stream`` starts in it (a shard opened mid-way to
+    resume), so that offsets, in samples and in errors alike, always count from the shard's start.
+    Gzip-compressed shards are detected from their first bytes and decompressed.
     A member, or an extended header, over ``max_member_bytes`` raises before it is read; with
     ``skip_oversize`` a regular member over it is passed over in chunks (never held whole) and yielded
     with an ``Oversized`` value in place of its data.
@@ -117,7 +120,7 @@ def iter_members(
     try:
         if unzipped is not None:
             head = _read(read, BLOCK)
-        yield from _members(read, head, url, max_member_bytes, skip_oversize)
+        yield from _members(read, head, url, max_member_bytes, skip_oversize, base_offset)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # only the gzip layer raises these
         if unzipped is None:
             raise
@@ -129,10 +132,11 @@ def iter_members(
 
 
 def _members(
-    read: Callable[[int], bytes], head: bytes, url: str, limit: int | None, skip_oversize: bool = False
+    read: Callable[[int], bytes], head: bytes, url: str, limit: int | None, skip_oversize: bool = False,
+    base_offset: int = 0,
 ) -> Iterator[tuple[str, bytes, int]]:
-    pos = 0  # offset of `head` in the tar stream
-    start = 0  # offset of the first header of the current member's chain
+    pos = base_offset  # offset of `head` in the tar stream
+    start = pos  # offset of the first header of the current member's chain
     chain: list[tuple[int, Any]] = []  # pending (type, value) of L / K / x headers for the next member
     global_pax: dict[str, str] = {}
     while True:
@@ -394,13 +398,13 @@ def split_key(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def group_samples(members: Iterable[tuple[str, bytes, int]], url: str, base_offset: int = 0,
-                  first_index: int = 0, *, bad: str = "raise") -> Iterator[Sample]:
+def group_samples(members: Iterable[tuple[str, bytes, int]], url: str, first_index: int = 0, *,
+                  bad: str = "raise") -> Iterator[Sample]:
     """Group one shard's members into samples by webdataset's rules: a new sample whenever the key changes.
 
     Each sample has ``__key__``, ``__url__``, one bytes value per (lowercased) extension, and its provenance:
     ``__offset__`` (the tar offset of its first member's header) and ``__index__`` (its rank in the shard).
-    A stream opened mid-shard (at a sample's offset, to resume) gives that offset and index as the bases.
+    A stream opened mid-shard (at a sample's offset, to resume) gives that sample's index as ``first_index``.
 
     A sample that breaks the rules raises ``TarError``: a duplicate extension, a reserved extension, a member
     over the size limit (an ``Oversized`` value), or a key that appears again later in the shard (the members
@@ -413,7 +417,6 @@ def group_samples(members: Iterable[tuple[str, bytes, int]], url: str, base_offs
     index = first_index
     seen: set[str] = set()  # keys of this shard so far (from the resume point when opened mid-shard)
     for name, data, offset in members:
-        offset += base_offset
         if name.startswith("__") and (("/" not in name and name.endswith("__")) or _META.match(name)):
             continue  # webdataset skips __meta__ members
         split = split_key(name)
@@ -458,8 +461,8 @@ def group_samples(members: Iterable[tuple[str, bytes, int]], url: str, base_offs
 def read_tar_samples(stream: Readable, url: str, *, max_member_bytes: int | None = None, base_offset: int = 0,
                      first_index: int = 0) -> Iterator[Sample]:
     """The samples of one shard read from ``stream`` (left open: the caller owns it)."""
-    members = iter_members(stream, url, max_member_bytes=max_member_bytes)
-    return group_samples(members, url, base_offset, first_index)
+    members = iter_members(stream, url, max_member_bytes=max_member_bytes, base_offset=base_offset)
+    return group_samples(members, url, first_index)
 
 
 @dataclass
@@ -501,33 +504,43 @@ class TarSamples:
         """The samples of one shard item, closing its stream.
 
         Resume keys on the item: ``start_offset`` / ``start_index`` (the stream starts at that sample),
-        ``skip_through`` (samples up to that index were delivered already), ``refs`` (only these indexes,
-        sorted: samples fetched again by reference). Under ``on_error="skip"``/``"warn"`` a bad sample is
-        left out, and a shard that breaks (bad header, truncation, a fetch that gave up: that one counted
-        by the fetch stage) ends after the good samples before the break.
+        ``skip_through`` / ``skip_key`` (samples up to that index were delivered already; the last of them has
+        that key), ``refs`` (``[index, key]`` pairs: only these samples, fetched again by reference). A sample a
+        checkpoint names must be met again with its key, else the shard changed since the checkpoint: an error
+        whatever ``on_error`` says. Under ``on_error="skip"``/``"warn"`` a bad sample is left out, and a shard
+        that breaks (bad header, truncation, a fetch that gave up: that one counted by the fetch stage) ends
+        after the good samples before the break.
         """
         url = redact(item.get("url", "?"))
         stream = item.get("stream")
         if stream is None:
             raise TarError(f"{url}: no 'stream' in {sorted(item)}; put a fetch stage before tar_samples")
-        skip = item.get("skip_through", -1)
+        skip, skip_key = item.get("skip_through", -1), item.get("skip_key")
         refs = item.get("refs")
-        wanted = set(refs) if refs is not None else None
+        wanted = {int(i): k for i, k in refs} if refs is not None else None
         off, step = item.get("sample_offset", 0), item.get("sample_step", 1)
         tolerant = self.on_error != "raise"
         met = 0  # samples of this slot's share met in this shard: delivered, or skipped one by one
+        checking = skip_key is not None or wanted is not None  # at a checkpoint's place, not yet confirmed
         try:
-            members = iter_members(stream, url, max_member_bytes=self.max_member_bytes, skip_oversize=tolerant)
-            samples = group_samples(members, url, item.get("start_offset", 0), item.get("start_index", 0),
-                                    bad="yield" if tolerant else "raise")
+            members = iter_members(stream, url, max_member_bytes=self.max_member_bytes, skip_oversize=tolerant,
+                                   base_offset=item.get("start_offset", 0))
+            samples = group_samples(members, url, item.get("start_index", 0), bad="yield" if tolerant else "raise")
             for sample in samples:
                 i = sample["__index__"]
                 if i <= skip:
+                    if i == skip and skip_key is not None:
+                        _same(url, sample, skip_key)
+                        skip_key = None
+                        checking = wanted is not None
                     continue
+                if skip_key is not None:
+                    raise _changed(url, f"the cursor's sample {skip} ({skip_key!r}) is not where it was")
                 if wanted is not None:
                     if i not in wanted:
                         continue
-                    wanted.discard(i)
+                    _same(url, sample, wanted.pop(i))
+                    checking = False
                 elif step > 1 and i % step != off:
                     continue  # another slot's sample (slot_samples filters again; this keeps bad ones out)
                 met += 1
@@ -537,11 +550,13 @@ class TarSamples:
                     yield sample
                 if wanted is not None and not wanted:
                     return
-            if wanted:
-                raise TarError(f"{url}: samples {sorted(wanted)[:5]} referenced by a checkpoint are not in the shard",
-                               reason="missing_refs")
+            if wanted or skip_key is not None:
+                missing = sorted(wanted)[:5] if wanted else [skip]
+                raise _changed(url, f"samples {missing} named by the checkpoint are not in the shard")
         except TarError as e:
-            if not tolerant or e.reason == "missing_refs":
+            if checking and e.reason != "changed":
+                raise _changed(url, f"where the checkpoint points, {e}") from None
+            if not tolerant or e.reason == "changed":
                 raise
             lost = _left(item, met, wanted)
             self._skipped(item, e, lost, f" (rest of the shard skipped, {_count(lost)} samples lost)")
@@ -564,7 +579,19 @@ class TarSamples:
             self.stats.unread += lost  # keeps `dropped` (equal per-rank counts) from counting them again
 
 
-def _left(item: dict[str, Any], met: int, wanted: set[int] | None) -> int | None:
+def _same(url: str, sample: Any, key: str) -> None:
+    """A sample a checkpoint names must have the key the checkpoint recorded."""
+    if sample["__key__"] != key:
+        raise _changed(url, f"sample {sample['__index__']} at offset {sample['__offset__']} has key "
+                            f"{sample['__key__']!r}, the checkpoint recorded {key!r}")
+
+
+def _changed(url: str, why: str) -> TarError:
+    return TarError(f"{url}: the shard changed since the checkpoint (or the state was altered): {why}",
+                    reason="changed")
+
+
+def _left(item: dict[str, Any], met: int, wanted: dict[int, str] | None) -> int | None:
     """Samples of this slot's share of a shard not met yet, from the manifest's count (None if unknown)."""
     if wanted is not None:
         return len(wanted)
