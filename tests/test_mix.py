@@ -347,3 +347,9 @@ def test_streams_sharing_a_stateful_stage_are_refused(data):
                          vs.tar_samples(), shared) for n in ("a", "b")]
     with pytest.raises(ValueError, match="streams 'a' and 'b' share one decode stage"):
         vs.mix(streams)
+
+
+def test_a_stream_with_its_own_rank_is_refused(data):
+    with pytest.raises(ValueError, match="rank and world size come from the pipeline"):
+        vs.Stream("a", vs.shards(data["a"]), vs.split_by_node(rank=1, world_size=2), vs.split_by_worker(),
+                  vs.fetch(), vs.tar_samples())

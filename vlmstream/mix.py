@@ -76,8 +76,8 @@ class Stream:
 
     ``proportion`` (relative weight), ``repeat`` (multiplier on the stream's sample count, which its
     manifest gives) or ``choose`` (samples per epoch): at most one. A single `vs.Pipeline` may stand for
-    the stages. For the slot shares to be exact, leave rank and world size to the pipeline (no explicit
-    ``split_by_node(rank=..., world_size=...)`` inside a stream).
+    the stages. Rank and world size come from the pipeline holding the mix: a stream that sets its own
+    (``split_by_node(rank=..., world_size=...)``) is refused.
     """
 
     def __init__(self, name: str, *stages: Any, proportion: float | None = None, repeat: float | None = None,
@@ -100,6 +100,9 @@ class Stream:
             raise ValueError(f"stream {name!r} has no stages (e.g. shards, split_by_node, ..., tar_samples)")
         else:
             self.pipeline = Pipeline(*stages)
+        if self.pipeline.rank is not None or self.pipeline.world_size is not None:
+            raise ValueError(f"stream {name!r}: its rank and world size come from the pipeline that holds the mix; "
+                             "give them there (vs.Pipeline(..., rank=r, world_size=w)), not inside a stream")
         self.name, self.proportion, self.repeat, self.choose = name, proportion, repeat, choose
 
     def __repr__(self) -> str:
