@@ -180,7 +180,8 @@ def cached_resolve(spec: str | Sequence[str], cache_dir: str, ttl: float, **kwar
 class shards:
     """The source stage: yields one dict per shard, in this epoch's order.
 
-    Each item is ``{"url", "shard" (index in the resolved list), "samples" (or None), "num_shards"}``.
+    Each item is ``{"url", "shard" (index in the resolved list), "samples", "sha256", "bytes", "num_shards"}``;
+    ``samples``, ``sha256`` and ``bytes`` come from a manifest (None without one): `fetch` checks its cache by them.
     ``shuffle`` reorders shards each epoch from (seed, epoch); the seed defaults to the pipeline's.
     ``listing_cache``: a folder where ranks of one machine share the listing for ``listing_ttl`` seconds.
     ``resample=True``: endless; each (rank, worker) draws shards at random with replacement, seeded by
@@ -222,7 +223,9 @@ class shards:
             while True:
                 i = rng.randrange(n)
                 s = self.specs[i]
-                yield {"url": s.url, "shard": i, "samples": s.samples, "num_shards": n, "resampled": True}
+                yield {"url": s.url, "shard": i, "samples": s.samples, "sha256": s.sha256, "bytes": s.bytes,
+                       "num_shards": n, "resampled": True}
         for i in epoch_order(n, seed, c.epoch, self.shuffle):
             s = self.specs[i]
-            yield {"url": s.url, "shard": i, "samples": s.samples, "num_shards": n}
+            yield {"url": s.url, "shard": i, "samples": s.samples, "sha256": s.sha256, "bytes": s.bytes,
+                   "num_shards": n}
