@@ -35,7 +35,8 @@ class FetchError(Reasoned, IOError):
     """A shard could not be read; the message names the (redacted) URL and what happened.
 
     ``reason``: "retries_exhausted", "http_error" (a status that is not retried), "changed" (ETag), "bad_range",
-    "redirects", "not_found", "io_error", or "pipe_refused" (never skipped: a configuration error).
+    "redirects", "not_found", "io_error", "checksum" (a shard read into the cache does not match the manifest),
+    or "pipe_refused" (never skipped: a configuration error).
     """
 
 
@@ -461,7 +462,8 @@ class fetch:
     """The stage: shard items in, ``{**item, "stream": binary file}`` out, opened in order.
 
     ``prefetch``: shards read ahead in a background thread (0: none), holding at most ``prefetch_bytes``.
-    ``cache``: a folder keeping whole shards for later epochs, bounded by ``cache_bytes`` (LRU).
+    ``cache``: a folder keeping whole shards for later epochs, bounded by ``cache_bytes`` (LRU), checked against
+    the manifest and its own records (vlmstream/cache.py); folders may be shared by processes.
     ``headers``: sent with every HTTP request (auth); the HF token is taken from huggingface_hub's usual
     places for hf:// URLs. Neither ever appears in errors, stats or state.
     ``on_error``: a shard that cannot be read (retries exhausted, HTTP 404, ...) raises ``FetchError``
@@ -499,18 +501,17 @@ class fetch:
             raise ValueError(f"{self.ctx.num_workers} DataLoader workers would each read every shard: "
                              "add vs.split_by_worker() before vs.fetch()")
         start = item.get("start_offset", 0)  # resuming inside a shard, or reading samples by reference
-        if self.cache is not None:
-            hit = self.cache.get(url)
-            if hit is not None:
+        if self.cache is not None:  # checked against the manifest's size and sha256 where it gives them
+            f = self.cache.open(url, item.get("bytes"), item.get("sha256"), buffer_size)
+            if f is not None:
                 self.stats.cache_hits += 1
-                f = open(hit, "rb", buffering=buffer_size)
                 f.seek(start)
                 return f
         f = open_url(url, client=client, allow_pipe=self.allow_pipe, hf_token=self.hf_token,
                      buffer_size=buffer_size, start=start)
         self.stats.shards += 1
         if self.cache is not None and "://" in url and not start:
-            return io.BufferedReader(self.cache.tee(url, f), buffer_size)
+            return io.BufferedReader(self.cache.tee(url, f, item.get("bytes"), item.get("sha256")), buffer_size)
         return f
 
     def shard_failed(self, error: FetchError, lost: int | None) -> None:
