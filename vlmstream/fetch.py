@@ -12,7 +12,6 @@ from __future__ import annotations
 import email.utils
 import http.client
 import io
-import os
 import queue
 import random
 import re
