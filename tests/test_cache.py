@@ -239,7 +239,7 @@ def test_a_killed_downloads_partial_file_counts_in_the_bound_and_is_removed(tmp_
         assert started.wait(60)
         [part] = partials(folder)
         part_size = os.path.getsize(os.path.join(folder, part))
-        assert part_size >= 200_000
+        assert part_size >= 100_000
         # a download alive elsewhere: its partial file counts, so fewer whole shards fit
         bound = part_size + 2 * size + size // 2
         stage = vs.fetch(prefetch=0, cache=folder, cache_bytes=bound)
