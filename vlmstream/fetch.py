@@ -10,10 +10,8 @@ bytes, and a local cache folder can keep shards between epochs.
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import http.client
 import io
-import os
 import queue
 import random
 import re
@@ -24,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterator, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
+from .cache import ShardCache
 from .errors import ErrorCounts, Reasoned, check_policy, handle, redact
 from .pipeline import Context
 
@@ -35,7 +34,8 @@ class FetchError(Reasoned, IOError):
     """A shard could not be read; the message names the (redacted) URL and what happened.
 
     ``reason``: "retries_exhausted", "http_error" (a status that is not retried), "changed" (ETag), "bad_range",
-    "redirects", "not_found", "io_error", or "pipe_refused" (never skipped: a configuration error).
+    "redirects", "not_found", "io_error", "checksum" (a shard read into the cache does not match the manifest),
+    or "pipe_refused" (never skipped: a configuration error).
     """
 
 
@@ -440,77 +440,6 @@ class _Budget:
             self.cv.notify_all()
 
 
-# ----------------------------------------------------------------------------------------------------- cache
-
-
-class ShardCache:
-    """Whole shards kept on local disk, named by a hash of the URL (never by its text), evicted LRU."""
-
-    def __init__(self, folder: str, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        os.makedirs(folder, exist_ok=True)
-
-    def path(self, url: str) -> str:
-        return os.path.join(self.folder, hashlib.sha256(url.encode()).hexdigest() + ".tar")
-
-    def get(self, url: str) -> str | None:
-        p = self.path(url)
-        if os.path.exists(p):
-            os.utime(p)  # recency for LRU
-            return p
-        return None
-
-    def tee(self, url: str, stream: BinaryIO) -> BinaryIO:
-        return _CacheTee(self, url, stream)
-
-    def evict(self) -> None:
-        entries = []
-        for name in os.listdir(self.folder):
-            if name.endswith(".tar"):
-                st = os.stat(os.path.join(self.folder, name))
-                entries.append((st.st_mtime, st.st_size, name))
-        total = sum(e[1] for e in entries)
-        for _, size, name in sorted(entries):
-            if total <= self.max_bytes:
-                break
-            try:
-                os.remove(os.path.join(self.folder, name))
-            except FileNotFoundError:
-                pass
-            total -= size
-
-
-class _CacheTee(io.RawIOBase):
-    """Pass bytes through while writing them to a temp file; publish it atomically only when complete."""
-
-    def __init__(self, cache: ShardCache, url: str, stream: BinaryIO):
-        self.cache, self.url, self.stream = cache, url, stream
-        self.tmp = f"{cache.path(url)}.part{os.getpid()}.{threading.get_ident()}"
-        self.out = open(self.tmp, "wb")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        n = self.stream.readinto(b)
-        if n:
-            self.out.write(memoryview(b)[:n])
-        elif self.out is not None:
-            self.out.close()
-            self.out = None
-            os.replace(self.tmp, self.cache.path(self.url))
-            self.cache.evict()
-        return n
-
-    def close(self) -> None:
-        if self.out is not None:  # not read to the end: never publish a partial shard
-            self.out.close()
-            self.out = None
-            os.remove(self.tmp)
-        self.stream.close()
-        super().close()
-
-
 # ----------------------------------------------------------------------------------------------------- stage
 
 
@@ -532,7 +461,8 @@ class fetch:
     """The stage: shard items in, ``{**item, "stream": binary file}`` out, opened in order.
 
     ``prefetch``: shards read ahead in a background thread (0: none), holding at most ``prefetch_bytes``.
-    ``cache``: a folder keeping whole shards for later epochs, bounded by ``cache_bytes`` (LRU).
+    ``cache``: a folder keeping whole shards for later epochs, bounded by ``cache_bytes`` (LRU), checked against
+    the manifest and its own records (vlmstream/cache.py); folders may be shared by processes.
     ``headers``: sent with every HTTP request (auth); the HF token is taken from huggingface_hub's usual
     places for hf:// URLs. Neither ever appears in errors, stats or state.
     ``on_error``: a shard that cannot be read (retries exhausted, HTTP 404, ...) raises ``FetchError``
@@ -570,18 +500,17 @@ class fetch:
             raise ValueError(f"{self.ctx.num_workers} DataLoader workers would each read every shard: "
                              "add vs.split_by_worker() before vs.fetch()")
         start = item.get("start_offset", 0)  # resuming inside a shard, or reading samples by reference
-        if self.cache is not None:
-            hit = self.cache.get(url)
-            if hit is not None:
+        if self.cache is not None:  # checked against the manifest's size and sha256 where it gives them
+            f = self.cache.open(url, item.get("bytes"), item.get("sha256"), buffer_size)
+            if f is not None:
                 self.stats.cache_hits += 1
-                f = open(hit, "rb", buffering=buffer_size)
                 f.seek(start)
                 return f
         f = open_url(url, client=client, allow_pipe=self.allow_pipe, hf_token=self.hf_token,
                      buffer_size=buffer_size, start=start)
         self.stats.shards += 1
         if self.cache is not None and "://" in url and not start:
-            return io.BufferedReader(self.cache.tee(url, f), buffer_size)
+            return io.BufferedReader(self.cache.tee(url, f, item.get("bytes"), item.get("sha256")), buffer_size)
         return f
 
     def shard_failed(self, error: FetchError, lost: int | None) -> None:

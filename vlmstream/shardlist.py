@@ -180,7 +180,8 @@ def cached_resolve(spec: str | Sequence[str], cache_dir: str, ttl: float, **kwar
 class shards:
     """The source stage: yields one dict per shard, in this epoch's order.
 
-    Each item is ``{"url", "shard" (index in the resolved list), "samples" (or None), "num_shards"}``.
+    Each item is ``{"url", "shard" (index in the resolved list), "samples", "sha256", "bytes", "num_shards"}``;
+    ``samples``, ``sha256`` and ``bytes`` come from a manifest (None without one): `fetch` checks its cache by them.
     ``shuffle`` reorders shards each epoch from (seed, epoch); the seed defaults to the pipeline's.
     ``listing_cache``: a folder where ranks of one machine share the listing for ``listing_ttl`` seconds.
     ``resample=True``: endless; each (rank, worker) draws shards at random with replacement, seeded by
@@ -227,4 +228,5 @@ class shards:
     def item(self, i: int) -> dict[str, Any]:
         """The item of shard ``i`` of the resolved list, as this stage yields it."""
         s = self.specs[i]
-        return {"url": s.url, "shard": i, "samples": s.samples, "num_shards": len(self.specs)}
+        return {"url": s.url, "shard": i, "samples": s.samples, "sha256": s.sha256, "bytes": s.bytes,
+                "num_shards": len(self.specs)}

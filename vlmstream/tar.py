@@ -44,6 +44,7 @@ from .split import QuotaStats, SlotCursor, slot_samples
 BLOCK = 512
 _ZEROS = bytes(BLOCK)
 _SKIP_CHUNK = 1 << 20
+_TRAILER_LIMIT = 1 << 20  # bytes read after the end-of-archive block, at most (tar and GNU tar pad to 10 KiB)
 _CHECKSUM_FIELDS: dict[bytes, tuple[int | None, int]] = {}
 
 # Type flags (byte 156 of a header), as ints.
@@ -109,7 +110,8 @@ def iter_members(
     Gzip-compressed shards are detected from their first bytes and decompressed.
     A member, or an extended header, over ``max_member_bytes`` raises before it is read; with
     ``skip_oversize`` a regular member over it is passed over in chunks (never held whole) and yielded
-    with an ``Oversized`` value in place of its data.
+    with an ``Oversized`` value in place of its data. After the end-of-archive block the stream is read on to
+    its end (the archive's padding, at most ``_TRAILER_LIMIT`` bytes) and those bytes dropped.
     """
     read = stream.read
     head = _read(read, BLOCK)
@@ -121,6 +123,7 @@ def iter_members(
         if unzipped is not None:
             head = _read(read, BLOCK)
         yield from _members(read, head, url, max_member_bytes, skip_oversize, base_offset)
+        _skip_to_end(stream.read)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # only the gzip layer raises these
         if unzipped is None:
             raise
@@ -349,6 +352,18 @@ def _read_more(read: Callable[[int], bytes], data: bytes, n: int) -> bytes:
         parts.append(data)
         got += len(data)
     return b"".join(parts)
+
+
+def _skip_to_end(read: Callable[[int], bytes]) -> None:
+    """After the end-of-archive block: read on to the stream's end (the padding to a whole record, at most
+    ``_TRAILER_LIMIT`` bytes). A stream read to its end is complete: the fetch stage's cache keeps a shard only
+    then, and an HTTP connection goes back to the pool only then."""
+    left = _TRAILER_LIMIT
+    while left > 0:
+        got = read(min(left, _SKIP_CHUNK))
+        if not got:
+            return
+        left -= len(got)
 
 
 def _skip(read: Callable[[int], bytes], n: int) -> bool:
