@@ -360,6 +360,31 @@ def test_an_input_of_unknown_schema_is_a_clear_error(data_dir, tmp_path, capsys)
     assert path in err and "--format" in err and "question" in err
 
 
+def test_bad_utf8_in_a_json_array_is_an_error_naming_the_file_and_byte(data_dir, tmp_path, capsys):
+    """A JSON array is parsed whole before packing (to count it): a byte that is not UTF-8 stops the tool
+    through its error path, naming the file and where the byte is; JSONL rejects the line alone."""
+    record = lambda caption: json.dumps({"image": "images/missing.png", "caption": caption})  # noqa: E731
+    head = ("[\n" + record("first") + ",\n").encode() + b'{"image": "x.png", "caption": "'
+    path = os.path.join(data_dir, "bad_utf8.json")
+    with open(path, "wb") as f:
+        f.write(head + b'caf\xe9"}\n]\n')  # Latin-1, not UTF-8
+    out = str(tmp_path / "out")
+    assert run_pack([path], out) == 1
+    err = capsys.readouterr().err
+    assert err == (f"pack_shards: error: {path}: invalid UTF-8 at line 3, byte {len(head) + 3}: "
+                   "invalid continuation byte\n")
+    assert not os.path.exists(os.path.join(out, "index.json"))
+    jsonl = os.path.join(data_dir, "bad_utf8.jsonl")
+    with open(jsonl, "wb") as f:
+        f.write(record("first").encode() + b"\n" + b'{"image": "x.png", "caption": "caf\xe9"}\n')
+    assert run_pack([jsonl], out) == 0
+    with open(os.path.join(out, "rejects.jsonl")) as f:
+        rejects = [json.loads(line) for line in f]
+    assert [(r["position"], r["line"]) for r in rejects] == [(0, 1), (1, 2)]
+    assert rejects[0]["reason"].startswith("missing image")
+    assert rejects[1]["reason"].startswith("invalid UTF-8:") and "0xe9" in rejects[1]["reason"]
+
+
 def test_bad_arguments_exit_with_usage(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_pack(["x.json"], str(tmp_path), "--shuffle")

@@ -177,6 +177,24 @@ def test_json_array_errors_name_the_element(tmp_path, text, match):
         list(R._json_array(str(path), chunk=2))
 
 
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"], ids=["plain", "bom"])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 20])
+def test_json_array_bad_utf8_names_the_file_line_and_byte(tmp_path, bom, chunk):
+    """Wherever the chunks cut, a byte that is not UTF-8 is reported with its exact place, not as a bare
+    UnicodeDecodeError; characters of several bytes cut by a chunk still decode."""
+    head = bom + '[\n {"caption": "été ✓ 😀"},\n {"caption": "'.encode()
+    path = tmp_path / "a.json"
+    path.write_bytes(head + b"ab\xffc" + b'"}\n]\n')
+    with pytest.raises(FormatError) as e:
+        list(R._json_array(str(path), chunk=chunk))
+    assert str(e.value) == f"{path}: invalid UTF-8 at line 3, byte {len(head) + 2}: invalid start byte"
+    path.write_bytes(head + "ab✓c".encode() + b'"}\n]\n')
+    assert [r["caption"] for r in R._json_array(str(path), chunk=chunk)] == ["été ✓ 😀", "ab✓c"]
+    path.write_bytes(head + "ab✓".encode()[:-1])  # the file ends inside a character
+    with pytest.raises(FormatError, match=f"line 3, byte {len(head) + 2}: unexpected end of data"):
+        list(R._json_array(str(path), chunk=chunk))
+
+
 def test_parquet_is_read_in_batches_never_whole(finevision_parquet, monkeypatch):
     import pyarrow.parquet as pq
 

@@ -13,6 +13,7 @@ The chat schemas differ mostly by field names, so they share one parser driven b
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import math
@@ -307,16 +308,35 @@ def _json_line(line: bytes) -> Any:
 
 
 def _json_array(path: str, chunk: int = 1 << 20) -> Iterator[Any]:
-    """The elements of a top-level JSON array, parsed one at a time: a 1 GB LLaVA file is never held whole."""
+    """The elements of a top-level JSON array, parsed one at a time: a 1 GB LLaVA file is never held whole.
+
+    The bytes are decoded here, not by a text-mode file, so that a byte that is not UTF-8 is reported with the
+    file, line and byte offset where it lies instead of as a bare UnicodeDecodeError.
+    """
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, "rb") as f:
         buf, pos, eof, count = "", 0, False, 0
+        raw = f.read(3)  # a UTF-8 byte order mark is skipped, as "utf-8-sig" does
+        offset = 3 if raw == codecs.BOM_UTF8 else 0  # file offset of raw[0]: bytes read but not yet decoded
+        raw = b"" if offset else raw
+        lines = 0  # newlines in the bytes before raw
 
         def more() -> None:
-            nonlocal buf, pos, eof
+            nonlocal buf, pos, eof, raw, offset, lines
             data = f.read(max(chunk, len(buf) - pos))  # grows geometrically for an element larger than a chunk
             eof = not data
-            buf, pos = buf[pos:] + data, 0
+            raw += data
+            try:
+                text, used = codecs.utf_8_decode(raw, "strict", eof)  # a character cut by the chunk waits
+            except UnicodeDecodeError as e:
+                line = lines + raw.count(b"\n", 0, e.start) + 1
+                raise FormatError(
+                    f"{path}: invalid UTF-8 at line {line}, byte {offset + e.start}: {e.reason}"
+                ) from None
+            lines += raw.count(b"\n", 0, used)
+            offset += used
+            raw = raw[used:]
+            buf, pos = buf[pos:] + text, 0
 
         def next_char() -> str:
             nonlocal pos
