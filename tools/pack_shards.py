@@ -32,10 +32,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-try:
-    import vlmstream  # noqa: F401
-except ImportError:  # run from a checkout that is not installed
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The vlmstream of the checkout this file is in, as the other tools do: the tool and the library it packs with
+# are one version, even where another vlmstream is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vlmstream.format import (
     MANIFEST_NAME,
