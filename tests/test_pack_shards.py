@@ -283,7 +283,8 @@ def test_max_side_reencodes_larger_images_only(vqa, data_dir, tmp_path):
     with open(src, "w") as f:
         json.dump(records, f)
     out = str(tmp_path / "out")
-    assert run_pack([src], out, "--max-side", "64", "--jpeg-quality", "80") == 0
+    # big.png and rgba.png lie outside the input's folder, the default image root
+    assert run_pack([src], out, "--max-side", "64", "--jpeg-quality", "80", "--allow-outside-root") == 0
     samples = read_pack(out)
     assert [json.loads(s["json"])["images"] for s in samples] == [["0.jpg"], ["0.png"], ["0.png"]]
     for s, size in zip(samples, [(64, 32), (29, 64), (64, 64)]):
@@ -332,6 +333,68 @@ def test_bad_records_are_rejected_with_position_and_reason(bad_jsonl, tmp_path):
     assert reasons[3] == "empty conversation"
     assert reasons[4] == "no assistant answer"
     assert check_manifest(out)["packing"]["rejects"] == 5
+
+
+def _at_most_2_gib():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="FIFOs, /dev/zero and RLIMIT_AS as on Linux")
+def test_image_paths_the_packer_must_not_read_are_rejects(vqa, tmp_path):
+    """Records naming /dev/zero, a FIFO, a folder, a file too large, or a file outside the image root (by ../,
+    an absolute path or a symlink) are rejected with the reason, in bounded time and memory (the tool runs
+    as a command under a 2 GiB address-space limit); --allow-outside-root reads the outside files only."""
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (root / "images").mkdir(parents=True)
+    elsewhere.mkdir()
+    png = vqa.png[vqa.ids[0]]
+    (root / "images" / "good.png").write_bytes(png)
+    (elsewhere / "secret.png").write_bytes(png)
+    os.symlink(elsewhere / "secret.png", root / "images" / "link.png")
+    os.mkfifo(root / "images" / "pipe.png")
+    (root / "images" / "big.png").write_bytes(png + bytes(len(png)))  # past --max-image-bytes, decodable
+    paths = ["images/good.png", "/dev/zero", "../" * 30 + "dev/zero", "images/pipe.png", "../elsewhere/secret.png",
+             "images/link.png", "images/big.png", "images", "images/nul\0.png"]
+    src = root / "records.jsonl"
+    src.write_text("".join(json.dumps({"image": p, "caption": f"record {n}"}) + "\n" for n, p in enumerate(paths)))
+
+    def pack(out, *more):
+        cmd = [sys.executable, TOOL, str(src), "--output", str(tmp_path / out), "--workers", "1",
+               "--max-image-bytes", str(len(png) + 10), *more]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=_at_most_2_gib)
+
+    def reasons(out):
+        with open(tmp_path / out / "rejects.jsonl") as f:
+            rejects = [json.loads(line) for line in f]
+        assert all(r["source"] == str(src) and r["line"] == r["position"] + 1 for r in rejects)
+        return {r["position"]: r["reason"] for r in rejects}
+
+    real = os.path.realpath(root)
+    outside = f"outside the image root {real}"
+    not_regular = "is not a regular file but a "
+    expected = {1: outside, 2: outside, 3: not_regular + "FIFO", 4: outside, 5: outside,
+                6: f"is {2 * len(png)} bytes, more than the {len(png) + 10} bytes allowed", 7: not_regular + "folder",
+                8: "bad image path"}
+    proc = pack("confined")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert [s["__key__"] for s in read_pack(str(tmp_path / "confined"))] == ["000000000"]
+    got = reasons("confined")
+    assert sorted(got) == sorted(expected) and all(expected[p] in got[p] for p in got), got
+
+    proc = pack("anywhere", "--allow-outside-root")
+    assert proc.returncode == 0, proc.stderr
+    samples = read_pack(str(tmp_path / "anywhere"))
+    assert [s["__key__"] for s in samples] == ["000000000", "000000004", "000000005"]
+    assert all(s["0.png"] == png for s in samples)
+    expected.update({1: not_regular + "character device", 2: not_regular + "character device"})
+    got = reasons("anywhere")
+    assert sorted(got) == [1, 2, 3, 6, 7, 8] and all(expected[p] in got[p] for p in got), got
+
+    proc = pack("strict", "--strict")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"--strict: bad record in {src} at position 1 (line 2): image /dev/zero is {outside}" in proc.stderr
 
 
 def test_strict_stops_naming_the_record(bad_jsonl, tmp_path):

@@ -6,6 +6,10 @@
 Writes DIR/shard-NNNNNN.tar, DIR/index.json (the manifest) and DIR/rejects.jsonl (one line per record that
 was not packed, with the reason). The same inputs and options give byte-identical shards whatever --workers.
 
+Image paths are relative to --image-root (default: the input's folder) and are read only when they resolve,
+symlinks included, inside it (--allow-outside-root lifts this) and name a regular file of at most
+--max-image-bytes; a record naming any other path (a device, a FIFO, a folder) is a reject.
+
 Record i (numbered over all inputs in the order given) has output position pos(i): i itself, or with
 --shuffle a seeded permutation of the records. Job J of N packs the positions p with p * N // total == J, so N
 machines under any scheduler pack disjoint parts whose union is everything, and `merge` joins their manifests.
@@ -44,7 +48,7 @@ from vlmstream.format import (
     rejects_name,
     write_manifest,
 )
-from vlmstream.records import FORMATS, Input, Record, convert_batch, open_input, read_records
+from vlmstream.records import FORMATS, MAX_IMAGE_BYTES, Input, Record, convert_batch, open_input, read_records
 from vlmstream.writer import ShardWriter
 
 BATCH = 32  # records per round trip to a worker process
@@ -263,7 +267,8 @@ def _pack(args: argparse.Namespace, pool: ProcessPoolExecutor | None, t0: float)
     share = job_positions(job or 0, args.num_jobs or 1, total)
     seed = args.seed if args.shuffle else None
     pos = Positions(total, seed)
-    convert = partial(convert_batch, max_side=args.max_side, jpeg_quality=args.jpeg_quality)
+    convert = partial(convert_batch, max_side=args.max_side, jpeg_quality=args.jpeg_quality,
+                      max_image_bytes=args.max_image_bytes, allow_outside_root=args.allow_outside_root)
     os.makedirs(args.output, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".pack-tmp-", dir=args.output) if args.shuffle else None
     rejects = 0
@@ -323,7 +328,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("inputs", nargs="+", metavar="INPUT", help="JSON/JSONL/Parquet files or image folders")
     ap.add_argument("--output", "-o", required=True, metavar="DIR")
     ap.add_argument("--format", choices=FORMATS, help="input schema (default: detected per input)")
-    ap.add_argument("--image-root", metavar="DIR", help="base of relative image paths (default: the input's folder)")
+    ap.add_argument("--image-root", metavar="DIR",
+                    help="base of relative image paths, and the folder images must lie in (default: the input's "
+                         "folder)")
+    ap.add_argument("--allow-outside-root", action="store_true",
+                    help="also read images whose path resolves (symlinks included) outside the image root")
+    ap.add_argument("--max-image-bytes", type=float, default=MAX_IMAGE_BYTES, metavar="N",
+                    help=f"reject images larger than N bytes (default: {MAX_IMAGE_BYTES >> 20} MiB)")
     ap.add_argument("--prefix", default="shard", help="shard name prefix (default: shard)")
     ap.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most (default: 10000)")
     ap.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most (default: 1e9)")
@@ -344,12 +355,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error("--job-index and --num-jobs go together")
     if args.num_jobs is not None and not (args.num_jobs >= 1 and 0 <= args.job_index < args.num_jobs):
         ap.error(f"need 0 <= --job-index < --num-jobs, got {args.job_index} and {args.num_jobs}")
-    for name in ("maxcount", "maxsize", "workers", "bucket_size", "max_side"):
+    for name in ("maxcount", "maxsize", "workers", "bucket_size", "max_side", "max_image_bytes"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 1 <= args.jpeg_quality <= 100:
         ap.error("--jpeg-quality must lie in 1..100")
-    args.maxsize = int(args.maxsize)
+    args.maxsize, args.max_image_bytes = int(args.maxsize), int(args.max_image_bytes)
     return args
 
 
