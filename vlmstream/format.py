@@ -32,6 +32,7 @@ What the packer (``tools/pack_shards.py``) writes, exactly:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -225,13 +226,19 @@ def manifest_json(shards: Iterable[ShardInfo], **meta: Any) -> dict[str, Any]:
 
 
 def write_manifest(path: str, shards: Iterable[ShardInfo], **meta: Any) -> dict[str, Any]:
-    """Write atomically (temp file + rename) so a reader never sees half a manifest."""
+    """Write atomically (temp file + rename) so a reader never sees half a manifest; on an error (a full
+    disk, say) the temporary file is removed, not left beside the manifest."""
     doc = manifest_json(shards, **meta)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     return doc
 
 
