@@ -243,10 +243,14 @@ def check_manifest(out: str, manifest: str = "index.json") -> dict[str, Any]:
     return doc
 
 
-def shard_bytes(out: str) -> dict[str, bytes]:
-    """Every file a pack wrote, by name: for byte-for-byte comparisons of two packs."""
-    out_files = {}
+def shard_bytes(out: str) -> dict[str, bytes | None]:
+    """Every file a pack wrote, by name: for byte-for-byte comparisons of two packs (a folder, such as one a
+    killed run left, is there too, as None)."""
+    out_files: dict[str, bytes | None] = {}
     for name in sorted(os.listdir(out)):
+        if os.path.isdir(os.path.join(out, name)):
+            out_files[name] = None
+            continue
         with open(os.path.join(out, name), "rb") as f:
             out_files[name] = f.read()
     return out_files

@@ -162,8 +162,9 @@ def test_write_manifest_on_a_full_disk_keeps_the_old_one(tmp_path, monkeypatch):
 
     path = str(tmp_path / "index.json")
     write_manifest(path, [ShardInfo("a.tar", 1, 10240, "0" * 64)])
-    before = open(path).read()
+    before = (tmp_path / "index.json").read_text()
     monkeypatch.setattr(F, "open", FullDisk(100).open, raising=False)
     with pytest.raises(OSError):
         write_manifest(path, [ShardInfo(f"{n}.tar", 1, 10240, "1" * 64) for n in range(10)])
-    assert os.listdir(tmp_path) == ["index.json"] and open(path).read() == before  # no index.json.tmpPID
+    assert os.listdir(tmp_path) == ["index.json"]  # no index.json.tmpPID
+    assert (tmp_path / "index.json").read_text() == before
