@@ -372,7 +372,8 @@ def test_image_paths_the_packer_must_not_read_are_rejects(vqa, tmp_path):
     def pack(out, *more):
         cmd = [sys.executable, TOOL, str(src), "--output", str(tmp_path / out), "--workers", "1",
                "--max-image-bytes", str(len(png) + 10), *more]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=_at_most_2_gib)
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}  # no address space per core
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=_at_most_2_gib, env=env)
 
     def reasons(out):
         with open(tmp_path / out / "rejects.jsonl") as f:
