@@ -252,6 +252,31 @@ def test_image_folder_sorted_recursive_and_missing_captions(tmp_path):
     assert recs[2].images == [os.path.join(str(tmp_path), "sub/c.png")]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="FIFOs as on Linux")
+def test_image_folder_captions_are_read_as_images_are(tmp_path):
+    """A caption sidecar is read only as a bounded regular file inside the folder: a FIFO would block the
+    packer's main process, a link out of the folder would pack a file nobody chose."""
+    folder, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    for name in ("a", "b", "c"):
+        (folder / f"{name}.png").write_bytes(_png())
+    (folder / "a.txt").write_text("a caption")
+    os.mkfifo(folder / "b.txt")
+    (elsewhere / "secret.txt").write_text("not for packing")
+    os.symlink(elsewhere / "secret.txt", folder / "c.txt")
+    inp = R.open_input(str(folder))
+    with deadline(10):
+        recs = list(R.read_records(inp))
+    assert recs[0].error is None and recs[0].conversation.messages[1]["content"] == "a caption"
+    assert recs[1].error == f"b.png: caption {folder / 'b.txt'} is not a regular file but a FIFO"
+    assert recs[2].error.startswith(f"c.png: caption {folder / 'c.txt'} is outside the image root {folder}")
+    with deadline(10):
+        recs = list(R.read_records(inp, allow_outside_root=True))
+    assert recs[2].error is None and recs[2].conversation.messages[1]["content"] == "not for packing"
+    assert "FIFO" in recs[1].error
+
+
 # ------------------------------------------------------------------------------------------ images
 
 

@@ -15,7 +15,8 @@ leaves its staging folder, which the next run removes), and once a run is done D
 
 Image paths are relative to --image-root (default: the input's folder) and are read only when they resolve,
 symlinks included, inside it (--allow-outside-root lifts this) and name a regular file of at most
---max-image-bytes; a record naming any other path (a device, a FIFO, a folder) is a reject.
+--max-image-bytes; a record naming any other path (a device, a FIFO, a folder) is a reject. An image
+folder's .txt captions are read under the same rules.
 
 Record i (numbered over all inputs in the order given) has output position pos(i): i itself, or with
 --shuffle a seeded permutation of the records. Job J of N packs the positions p with p * N // total == J, so N
@@ -252,14 +253,16 @@ def progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="samples", disable=not sys.stderr.isatty(), smoothing=0.1)
 
 
-def job_records(inputs: list[Input], share: range, seed: int | None) -> Iterator[Record]:
+def job_records(
+    inputs: list[Input], share: range, seed: int | None, allow_outside_root: bool = False
+) -> Iterator[Record]:
     """The records whose output position lies in ``share``, in input order, each with its global index."""
     total = sum(inp.count for inp in inputs)
     pos = Positions(total, seed)
     offset = 0
     for inp in inputs:
         if seed is not None or (offset < share.stop and offset + inp.count > share.start):  # else: none of ours
-            for rec in read_records(inp, want=lambda p, offset=offset: pos(offset + p) in share):
+            for rec in read_records(inp, lambda p, offset=offset: pos(offset + p) in share, allow_outside_root):
                 rec.index = offset + rec.position
                 yield rec
         offset += inp.count
@@ -427,7 +430,8 @@ def _pack(args: argparse.Namespace, pool: ProcessPoolExecutor | None, t0: float)
         rejects = 0
         with open(os.path.join(staging, rejects_name(job)), "w", encoding="utf-8") as rej, \
                 ShardWriter(staging, args.prefix, args.maxcount, args.maxsize, job) as writer, \
-                closing(ordered_map(convert, job_records(inputs, share, seed), pool, args.workers)) as results, \
+                closing(ordered_map(convert, job_records(inputs, share, seed, args.allow_outside_root), pool,
+                                    args.workers)) as results, \
                 progress(len(share), "pack") as bar:
             buckets = None
             if args.shuffle:

@@ -41,6 +41,7 @@ SCHEMAS = ("llava", "sharegpt", "finevision", "caption")  # record schemas of JS
 FORMATS = (*SCHEMAS, "folder", "parquet")  # what --format can name
 PARQUET_BATCH_ROWS = 64  # rows per Parquet read: bounds memory when rows embed large images
 MAX_IMAGE_BYTES = 256 << 20  # bytes of one image at most, by default: far above any photo, far below memory
+MAX_CAPTION_BYTES = 16 << 20  # bytes of an image folder's caption file at most: far above any caption
 
 # chat schema -> (turn list fields tried in order, image field); turns may be {role, content} or {from, value}.
 CHAT_FIELDS = {
@@ -252,11 +253,14 @@ def open_input(path: str, fmt: str | None = None, image_root: str | None = None)
     return Input(path, schema or "llava", root, count)  # an empty file has no records to read in any schema
 
 
-def read_records(inp: Input, want: Callable[[int], bool] | None = None) -> Iterator[Record]:
-    """Yield a Record per input record in order; positions ``want`` rejects are skipped before any parsing."""
+def read_records(
+    inp: Input, want: Callable[[int], bool] | None = None, allow_outside_root: bool = False
+) -> Iterator[Record]:
+    """Yield a Record per input record in order; positions ``want`` rejects are skipped before any parsing.
+    An image folder's caption files are read as ``convert`` reads images (``allow_outside_root`` likewise)."""
     want = want or (lambda _: True)
     if inp.format == "folder":
-        yield from _read_folder(inp, want)
+        yield from _read_folder(inp, want, allow_outside_root)
     elif inp.format == "parquet":
         yield from _read_parquet(inp, want)
     else:
@@ -398,18 +402,21 @@ def _folder_images(path: str) -> list[str]:
     return sorted(found)
 
 
-def _read_folder(inp: Input, want: Callable[[int], bool]) -> Iterator[Record]:
+def _read_folder(inp: Input, want: Callable[[int], bool], allow_outside_root: bool = False) -> Iterator[Record]:
+    root = None if allow_outside_root else inp.image_root
     for position, rel in enumerate(_folder_images(inp.path)):
         if not want(position):
             continue
         txt = os.path.join(inp.path, rel.rsplit(".", 1)[0] + ".txt")
         try:
-            with open(txt, "rb") as f:
-                caption = f.read().decode("utf-8-sig")
+            caption = _read_regular_file(txt, MAX_CAPTION_BYTES, root, "caption").decode("utf-8-sig")
         except FileNotFoundError:
             yield Record(inp.path, position, error=f"{rel}: no caption file {os.path.basename(txt)}")
             continue
-        except (OSError, UnicodeDecodeError) as e:
+        except FormatError as e:
+            yield Record(inp.path, position, error=f"{rel}: {e}")
+            continue
+        except UnicodeDecodeError as e:
             yield Record(inp.path, position, error=f"{rel}: unreadable caption: {e}")
             continue
         raw = {"image": rel, "caption": caption, "file": rel}
@@ -456,35 +463,45 @@ def read_image_file(path: str, max_bytes: int = MAX_IMAGE_BYTES, root: str | Non
     to pack. So the file is opened without blocking, checked with fstat (the file opened, not a path that
     could change), and read no further than one byte past the limit.
     """
-    if "\0" in path:
-        raise FormatError(f"bad image path {path!r}: a NUL character")
-    if root is not None:
-        real, real_root = os.path.realpath(path), _realpath(root)
-        if os.path.commonpath([real, real_root]) != real_root:
-            raise FormatError(f"image {path} is outside the image root {real_root} (it resolves to {real}; "
-                              "--allow-outside-root reads it)")
-        path_opened = real
-    else:
-        path_opened = path
     try:
-        fd = os.open(path_opened, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        return _read_regular_file(path, max_bytes, root, "image", "--max-image-bytes")
     except FileNotFoundError:
         raise FormatError(f"missing image {path}") from None
+
+
+def _read_regular_file(
+    path: str, max_bytes: int, root: str | None, what: str, option: str | None = None
+) -> bytes:
+    """``read_image_file`` for any file an input names: ``what`` it is and the ``option`` that sets
+    ``max_bytes`` are for the messages; FileNotFoundError is left to the caller, which knows what a missing
+    file means."""
+    if "\0" in path:
+        raise FormatError(f"bad {what} path {path!r}: a NUL character")
+    opened = path
+    if root is not None:
+        opened, real_root = os.path.realpath(path), _realpath(root)
+        if os.path.commonpath([opened, real_root]) != real_root:
+            raise FormatError(f"{what} {path} is outside the image root {real_root} (it resolves to {opened}; "
+                              "--allow-outside-root reads it)")
+    try:  # without blocking: a FIFO opens at once (and is then refused) instead of waiting for a writer
+        fd = os.open(opened, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
     except OSError as e:
-        raise FormatError(f"cannot read image {path}: {e.strerror or e}") from None
+        raise FormatError(f"cannot read {what} {path}: {e.strerror or e}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise FormatError(f"image {path} is not a regular file but a {_file_kind(st.st_mode)}")
+            raise FormatError(f"{what} {path} is not a regular file but a {_file_kind(st.st_mode)}")
         if st.st_size > max_bytes:
-            raise FormatError(_too_large(f"image {path}", max_bytes, st.st_size))
+            raise FormatError(_too_large(f"{what} {path}", max_bytes, st.st_size, option))
         data = _read_at_most(fd, max_bytes + 1, st.st_size)
     except OSError as e:
-        raise FormatError(f"cannot read image {path}: {e.strerror or e}") from None
+        raise FormatError(f"cannot read {what} {path}: {e.strerror or e}") from None
     finally:
         os.close(fd)
     if len(data) > max_bytes:  # longer than fstat said: growing, or a size the kernel does not know (/proc)
-        raise FormatError(_too_large(f"image {path} is", max_bytes))
+        raise FormatError(_too_large(f"{what} {path} is", max_bytes, None, option))
     return data
 
 
@@ -514,9 +531,9 @@ def _file_kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), f"file of mode {mode:o}")
 
 
-def _too_large(what: str, max_bytes: int, size: int | None = None) -> str:
+def _too_large(what: str, max_bytes: int, size: int | None = None, option: str | None = None) -> str:
     known = f" is {size} bytes," if size is not None else ""
-    return f"{what}{known} more than the {max_bytes} bytes allowed (--max-image-bytes)"
+    return f"{what}{known} more than the {max_bytes} bytes allowed" + (f" ({option})" if option else "")
 
 
 def load_image(
@@ -532,7 +549,7 @@ def load_image(
     if isinstance(src, str):
         data = read_image_file(src, max_bytes, root)
     elif len(src) > max_bytes:
-        raise FormatError(_too_large(name, max_bytes, len(src)))
+        raise FormatError(_too_large(name, max_bytes, len(src), "--max-image-bytes"))
     else:
         data = src
     try:
