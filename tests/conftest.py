@@ -7,7 +7,9 @@ Helpers at the bottom run the tool in-process and read its output back with webd
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -241,10 +243,43 @@ def check_manifest(out: str, manifest: str = "index.json") -> dict[str, Any]:
     return doc
 
 
-def shard_bytes(out: str) -> dict[str, bytes]:
-    """Every file a pack wrote, by name: for byte-for-byte comparisons of two packs."""
-    out_files = {}
+def shard_bytes(out: str) -> dict[str, bytes | None]:
+    """Every file a pack wrote, by name: for byte-for-byte comparisons of two packs (a folder, such as one a
+    killed run left, is there too, as None)."""
+    out_files: dict[str, bytes | None] = {}
     for name in sorted(os.listdir(out)):
+        if os.path.isdir(os.path.join(out, name)):
+            out_files[name] = None
+            continue
         with open(os.path.join(out, name), "rb") as f:
             out_files[name] = f.read()
     return out_files
+
+
+class FullDisk:
+    """A disk with room for ``room`` more bytes, for a module's ``open`` (``monkeypatch.setattr(module, "open",
+    disk.open, raising=False)``): files opened there to write fail with ENOSPC once it is full, after writing
+    what fits, as on a real disk; reading goes to the real ``open``."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+    def open(self, path, mode="r", buffering=-1, encoding=None, errors=None, newline=None):
+        if not any(c in mode for c in "wax+"):
+            return open(path, mode, buffering, encoding, errors, newline)
+        raw = _FullDiskFile(self, path, mode.replace("b", "").replace("t", ""))
+        buffered = io.BufferedWriter(raw)
+        return buffered if "b" in mode else io.TextIOWrapper(buffered, encoding or "utf-8", errors, newline)
+
+
+class _FullDiskFile(io.FileIO):
+    def __init__(self, disk: FullDisk, path, mode: str) -> None:
+        super().__init__(path, mode)
+        self.disk = disk
+
+    def write(self, data) -> int:
+        if len(data) and not self.disk.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
+        written = super().write(memoryview(data)[: self.disk.room])
+        self.disk.room -= written
+        return written

@@ -3,17 +3,20 @@ and its pure maths (shuffle permutation, job partition) apart from any I/O."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import SCHEMA_CASES, TOOLS, Case, check_manifest, read_pack, run_pack, shard_bytes
+from conftest import SCHEMA_CASES, TOOLS, Case, FullDisk, check_manifest, read_pack, run_pack, shard_bytes
 from pack_shards import Positions, job_of, job_positions, shuffled_position, shuffled_positions
-from vlmstream.format import conversation_from_sample
+from vlmstream.format import conversation_from_sample, pack_id, read_manifest
 
 TOOL = os.path.join(TOOLS, "pack_shards.py")
 
@@ -211,7 +214,7 @@ def test_jobs_partition_and_merge(llava_jsonl, shuffle, tmp_path):
     assert sorted(k for part in keys for k in part) == [f"{i:09d}" for i in range(61)]  # disjoint, complete
     assert sorted(os.listdir(out)) == sorted(
         [f"index.j{j:04d}.json" for j in range(3)] + [f"rejects.j{j:04d}.jsonl" for j in range(3)]
-        + [f"shard-j{j:04d}-{n:06d}.tar" for j in range(3) for n in range(3)]
+        + [f"shard-j{j:04d}-{job_pack_id(out, j)}-{n:06d}.tar" for j in range(3) for n in range(3)]
     )
     manifests = [os.path.join(out, f"index.j{j:04d}.json") for j in range(3)]
     assert run_pack_merge(manifests, os.path.join(out, "index.json")) == 0
@@ -221,6 +224,11 @@ def test_jobs_partition_and_merge(llava_jsonl, shuffle, tmp_path):
     assert [s["__key__"] for s in merged] == [k for part in keys for k in part]
     if not shuffle:  # without shuffle the jobs' parts follow each other: the merged pack is the plain one
         check_samples(merged, llava_jsonl)
+
+
+def job_pack_id(out, job):
+    """The pack id in job ``job``'s shard names: a digest of its shards' sha256s."""
+    return pack_id(read_manifest(os.path.join(out, f"index.j{job:04d}.json"))[1])
 
 
 def run_pack_merge(manifests, output):
@@ -267,7 +275,8 @@ def test_a_sample_larger_than_maxsize_gets_a_shard_of_its_own(llava_jsonl, tmp_p
     assert run_pack(llava_jsonl.inputs, out, "--maxsize", "1000", "--prefix", "tiny") == 0
     doc = check_manifest(out)
     assert [s["samples"] for s in doc["shards"]] == [1] * 61
-    assert [s["url"] for s in doc["shards"]] == [f"tiny-{n:06d}.tar" for n in range(61)]
+    pack = pack_id(read_manifest(os.path.join(out, "index.json"))[1])
+    assert [s["url"] for s in doc["shards"]] == [f"tiny-{pack}-{n:06d}.tar" for n in range(61)]
 
 
 def test_max_side_reencodes_larger_images_only(vqa, data_dir, tmp_path):
@@ -283,7 +292,8 @@ def test_max_side_reencodes_larger_images_only(vqa, data_dir, tmp_path):
     with open(src, "w") as f:
         json.dump(records, f)
     out = str(tmp_path / "out")
-    assert run_pack([src], out, "--max-side", "64", "--jpeg-quality", "80") == 0
+    # big.png and rgba.png lie outside the input's folder, the default image root
+    assert run_pack([src], out, "--max-side", "64", "--jpeg-quality", "80", "--allow-outside-root") == 0
     samples = read_pack(out)
     assert [json.loads(s["json"])["images"] for s in samples] == [["0.jpg"], ["0.png"], ["0.png"]]
     for s, size in zip(samples, [(64, 32), (29, 64), (64, 64)]):
@@ -334,6 +344,69 @@ def test_bad_records_are_rejected_with_position_and_reason(bad_jsonl, tmp_path):
     assert check_manifest(out)["packing"]["rejects"] == 5
 
 
+def _at_most_2_gib():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="FIFOs, /dev/zero and RLIMIT_AS as on Linux")
+def test_image_paths_the_packer_must_not_read_are_rejects(vqa, tmp_path):
+    """Records naming /dev/zero, a FIFO, a folder, a file too large, or a file outside the image root (by ../,
+    an absolute path or a symlink) are rejected with the reason, in bounded time and memory (the tool runs
+    as a command under a 2 GiB address-space limit); --allow-outside-root reads the outside files only."""
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (root / "images").mkdir(parents=True)
+    elsewhere.mkdir()
+    png = vqa.png[vqa.ids[0]]
+    (root / "images" / "good.png").write_bytes(png)
+    (elsewhere / "secret.png").write_bytes(png)
+    os.symlink(elsewhere / "secret.png", root / "images" / "link.png")
+    os.mkfifo(root / "images" / "pipe.png")
+    (root / "images" / "big.png").write_bytes(png + bytes(len(png)))  # past --max-image-bytes, decodable
+    paths = ["images/good.png", "/dev/zero", "../" * 30 + "dev/zero", "images/pipe.png", "../elsewhere/secret.png",
+             "images/link.png", "images/big.png", "images", "images/nul\0.png"]
+    src = root / "records.jsonl"
+    src.write_text("".join(json.dumps({"image": p, "caption": f"record {n}"}) + "\n" for n, p in enumerate(paths)))
+
+    def pack(out, *more):
+        cmd = [sys.executable, TOOL, str(src), "--output", str(tmp_path / out), "--workers", "1",
+               "--max-image-bytes", str(len(png) + 10), *more]
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}  # no address space per core
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=_at_most_2_gib, env=env)
+
+    def reasons(out):
+        with open(tmp_path / out / "rejects.jsonl") as f:
+            rejects = [json.loads(line) for line in f]
+        assert all(r["source"] == str(src) and r["line"] == r["position"] + 1 for r in rejects)
+        return {r["position"]: r["reason"] for r in rejects}
+
+    real = os.path.realpath(root)
+    outside = f"outside the image root {real}"
+    not_regular = "is not a regular file but a "
+    expected = {1: outside, 2: outside, 3: not_regular + "FIFO", 4: outside, 5: outside,
+                6: f"is {2 * len(png)} bytes, more than the {len(png) + 10} bytes allowed", 7: not_regular + "folder",
+                8: "bad image path"}
+    proc = pack("confined")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert [s["__key__"] for s in read_pack(str(tmp_path / "confined"))] == ["000000000"]
+    got = reasons("confined")
+    assert sorted(got) == sorted(expected) and all(expected[p] in got[p] for p in got), got
+
+    proc = pack("anywhere", "--allow-outside-root")
+    assert proc.returncode == 0, proc.stderr
+    samples = read_pack(str(tmp_path / "anywhere"))
+    assert [s["__key__"] for s in samples] == ["000000000", "000000004", "000000005"]
+    assert all(s["0.png"] == png for s in samples)
+    expected.update({1: not_regular + "character device", 2: not_regular + "character device"})
+    got = reasons("anywhere")
+    assert sorted(got) == [1, 2, 3, 6, 7, 8] and all(expected[p] in got[p] for p in got), got
+
+    proc = pack("strict", "--strict")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"--strict: bad record in {src} at position 1 (line 2): image /dev/zero is {outside}" in proc.stderr
+
+
 def test_strict_stops_naming_the_record(bad_jsonl, tmp_path):
     out = str(tmp_path / "out")
     proc = subprocess.run([sys.executable, TOOL, bad_jsonl, "--output", out, "--strict", "--workers", "1"],
@@ -348,7 +421,7 @@ def test_strict_with_workers_stops_them_and_keeps_no_partial_shard(bad_jsonl, tm
     out = str(tmp_path / "out")
     assert run_pack([bad_jsonl], out, "--strict", "--workers", "2") == 1
     assert f"{bad_jsonl} at position 1 (line 2)" in capsys.readouterr().err
-    assert sorted(os.listdir(out)) == ["rejects.jsonl"]  # the unfinished shard is dropped, no manifest
+    assert os.listdir(out) == []  # the unfinished shard is dropped, no manifest, no file of the failed run
 
 
 def test_an_input_of_unknown_schema_is_a_clear_error(data_dir, tmp_path, capsys):
@@ -358,6 +431,31 @@ def test_an_input_of_unknown_schema_is_a_clear_error(data_dir, tmp_path, capsys)
     assert run_pack([path], str(tmp_path / "out")) == 1
     err = capsys.readouterr().err
     assert path in err and "--format" in err and "question" in err
+
+
+def test_bad_utf8_in_a_json_array_is_an_error_naming_the_file_and_byte(data_dir, tmp_path, capsys):
+    """A JSON array is parsed whole before packing (to count it): a byte that is not UTF-8 stops the tool
+    through its error path, naming the file and where the byte is; JSONL rejects the line alone."""
+    record = lambda caption: json.dumps({"image": "images/missing.png", "caption": caption})  # noqa: E731
+    head = ("[\n" + record("first") + ",\n").encode() + b'{"image": "x.png", "caption": "'
+    path = os.path.join(data_dir, "bad_utf8.json")
+    with open(path, "wb") as f:
+        f.write(head + b'caf\xe9"}\n]\n')  # Latin-1, not UTF-8
+    out = str(tmp_path / "out")
+    assert run_pack([path], out) == 1
+    err = capsys.readouterr().err
+    assert err == (f"pack_shards: error: {path}: invalid UTF-8 at line 3, byte {len(head) + 3}: "
+                   "invalid continuation byte\n")
+    assert not os.path.exists(os.path.join(out, "index.json"))
+    jsonl = os.path.join(data_dir, "bad_utf8.jsonl")
+    with open(jsonl, "wb") as f:
+        f.write(record("first").encode() + b"\n" + b'{"image": "x.png", "caption": "caf\xe9"}\n')
+    assert run_pack([jsonl], out) == 0
+    with open(os.path.join(out, "rejects.jsonl")) as f:
+        rejects = [json.loads(line) for line in f]
+    assert [(r["position"], r["line"]) for r in rejects] == [(0, 1), (1, 2)]
+    assert rejects[0]["reason"].startswith("missing image")
+    assert rejects[1]["reason"].startswith("invalid UTF-8:") and "0xe9" in rejects[1]["reason"]
 
 
 def test_bad_arguments_exit_with_usage(tmp_path, capsys):
@@ -394,3 +492,231 @@ def test_a_dead_worker_is_an_error_not_a_hang(llava_json, tmp_path, monkeypatch,
     monkeypatch.setattr(pack_shards, "convert_batch", _die)
     assert run_pack(llava_json.inputs, str(tmp_path / "out"), "--workers", "2") == 1
     assert "worker process died" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------- the output folder
+
+
+def tar_names(out):
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "*.tar")))
+
+
+def manifest_shards(out, manifest="index.json"):
+    with open(os.path.join(out, manifest)) as f:
+        return sorted(s["url"] for s in json.load(f)["shards"])
+
+
+def test_a_folder_holding_anything_needs_overwrite_and_then_holds_the_new_pack_only(llava_jsonl, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert run_pack(llava_jsonl.inputs, out, "--maxcount", "10") == 0
+    old = shard_bytes(out)
+    assert run_pack(llava_jsonl.inputs, out, "--maxcount", "7") == 1
+    err = capsys.readouterr().err
+    assert f"pack_shards: error: {out} is not empty (index.json, rejects.jsonl, shard-" in err and "--overwrite" in err
+    assert shard_bytes(out) == old  # refused before writing anything
+    other = str(tmp_path / "other")
+    os.makedirs(other)
+    open(os.path.join(other, "NOTES.md"), "w").close()
+    assert run_pack(llava_jsonl.inputs, other) == 1 and "is not empty (NOTES.md)" in capsys.readouterr().err
+
+    # Leftovers of killed runs and other packs' files: all go, but a file no pack writes stays.
+    leftovers = {".pack-staging-x1y2z3/shard-000000.tar": b"x", ".pack-staging-j0001-abc/x.tar": b"x",
+                 ".pack-tmp-abc/bucket-00000000.bin": b"x", "shard-000003.tar.tmp": b"x", "index.json.tmp4242": b"{",
+                 "index.j0001.json": b"{}", "rejects.j0001.jsonl": b"", "shard-j0001-000000.tar": b"x",
+                 "old-000000.tar": b"x", "NOTES.md": b"keep"}
+    for name, data in leftovers.items():
+        os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(data)
+    assert run_pack(llava_jsonl.inputs, out, "--maxcount", "7", "--overwrite") == 0
+    doc = check_manifest(out)
+    assert doc["num_shards"] == 9 and tar_names(out) == manifest_shards(out)  # the glob lists the new pack only
+    assert sorted(os.listdir(out)) == sorted(["index.json", "rejects.jsonl", "NOTES.md", *manifest_shards(out)])
+    check_samples(read_pack(out), llava_jsonl)
+
+    # The same inputs and options over an older pack give the bytes and names of a pack into an empty folder.
+    fresh = str(tmp_path / "fresh")
+    assert run_pack(llava_jsonl.inputs, fresh, "--maxcount", "10") == 0
+    assert run_pack(llava_jsonl.inputs, out, "--maxcount", "10", "--overwrite") == 0
+    assert shard_bytes(out) == {**shard_bytes(fresh), "NOTES.md": b"keep"}
+    assert run_pack(llava_jsonl.inputs, out, "--maxcount", "10", "--overwrite") == 0  # again: the same names
+    assert shard_bytes(out) == {**shard_bytes(fresh), "NOTES.md": b"keep"}
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run_of_its_kind(llava_jsonl, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    for name in (".pack-staging-abc123", ".pack-staging-j0000-abc123", ".pack-staging-j0001-abc123"):
+        os.makedirs(os.path.join(out, name))
+        open(os.path.join(out, name, "shard-000000.tar.tmp"), "w").close()
+    job = ["--job-index", "0", "--num-jobs", "2"]
+    assert run_pack(llava_jsonl.inputs, out, *job) == 0  # job 0's leftover goes, job 1's may be a live run's
+    assert sorted(n for n in os.listdir(out) if n.startswith(".")) == [".pack-staging-abc123",
+                                                                        ".pack-staging-j0001-abc123"]
+    shutil.rmtree(out)
+    os.makedirs(os.path.join(out, ".pack-staging-abc123"))
+    assert run_pack(llava_jsonl.inputs, out) == 0  # a killed single-job run's folder: not in the way
+    assert sorted(os.listdir(out)) == sorted(["index.json", "rejects.jsonl", *manifest_shards(out)])
+    shutil.rmtree(out)
+    os.makedirs(os.path.join(out, ".pack-staging-j0001-abc123"))
+    assert run_pack(llava_jsonl.inputs, out) == 1  # a job's: it may be running
+    assert "is not empty (.pack-staging-j0001-abc123)" in capsys.readouterr().err
+
+
+# Runs the tool, stopping it for good (to be killed) right after the rename that reaches the point named.
+KILLED_AT = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import pack_shards
+
+out, point, marker = os.path.abspath(sys.argv[2]), sys.argv[3], sys.argv[4]
+rename, shards = os.replace, []
+
+def replace(src, dst):
+    rename(src, dst)
+    folder, name = os.path.split(os.path.abspath(dst))
+    shards.extend([name] if name.endswith(".tar") else [])
+    if {"writing": len(shards) == 2,  # a second shard is complete
+            "publishing": folder == out and name.endswith(".tar"),  # a first one is in the output folder
+            "switched": folder == out and name == "index.json"}[point]:
+        open(marker, "w").close()
+        time.sleep(600)
+
+os.replace = replace
+sys.exit(pack_shards.main(sys.argv[5:]))
+"""
+
+
+@pytest.mark.parametrize("point", ["writing", "publishing", "switched"])
+def test_a_pack_killed_at_any_point_leaves_a_whole_dataset_and_the_next_run_cleans_up(llava_jsonl, tmp_path, point):
+    out = str(tmp_path / "out")
+    assert run_pack(llava_jsonl.inputs, out, "--maxcount", "10") == 0
+    old = shard_bytes(out)
+    marker = tmp_path / "reached"
+    cmd = [sys.executable, "-c", KILLED_AT, TOOLS, out, point, str(marker), *llava_jsonl.inputs, "--output", out,
+           "--overwrite", "--maxcount", "7", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, f"the pack ended before the point '{point}': {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "the pack never reached the point"
+            time.sleep(0.02)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup of any kind runs
+        proc.wait()
+        proc.stderr.close()
+    doc = check_manifest(out)  # every shard index.json names is there, with its bytes: the old pack or the new
+    if point == "switched":
+        assert doc["num_shards"] == 9
+    else:
+        assert all(shard_bytes(out)[name] == data for name, data in old.items())  # the old pack, untouched
+    if point == "writing":
+        assert [n for n in os.listdir(out) if n.startswith(".pack-staging-")]  # what the killed run left
+    assert run_pack(llava_jsonl.inputs, out, "--maxcount", "7", "--overwrite") == 0
+    assert sorted(os.listdir(out)) == sorted(["index.json", "rejects.jsonl", *manifest_shards(out)])
+    assert check_manifest(out)["num_shards"] == 9 and tar_names(out) == manifest_shards(out)
+
+
+@pytest.mark.parametrize("full_in", ["shards", "manifest"])
+@pytest.mark.parametrize("old_pack", [False, True], ids=["empty", "old-pack"])
+def test_a_full_disk_leaves_the_folder_as_it_was(llava_jsonl, tmp_path, monkeypatch, capsys, full_in, old_pack):
+    import pack_shards
+    from vlmstream import format as F, writer as W
+
+    def disk(room):
+        d = FullDisk(room)
+        for module in (pack_shards, F, W):
+            monkeypatch.setattr(module, "open", d.open, raising=False)
+        return d
+
+    out = str(tmp_path / "out")
+    more = ["--overwrite"] if old_pack else []
+    if old_pack:
+        assert run_pack(llava_jsonl.inputs, out, "--maxcount", "10") == 0
+    before = shard_bytes(out) if old_pack else {}
+    probe = disk(1 << 40)
+    assert run_pack(llava_jsonl.inputs, str(tmp_path / "probe"), "--maxcount", "7") == 0
+    written = (1 << 40) - probe.room  # the manifest is written last, and takes more than 50 bytes
+    full = disk(written // 2 if full_in == "shards" else written - 50)
+    assert run_pack(llava_jsonl.inputs, out, "--maxcount", "7", *more) == 1
+    assert full.room == 0 and "No space left on device" in capsys.readouterr().err
+    assert shard_bytes(out) == before  # no partial file, no temporary file, no staging folder
+    if old_pack:
+        check_manifest(out)
+
+
+def test_ctrl_c_leaves_the_folder_as_it_was(llava_jsonl, tmp_path, monkeypatch, capsys):
+    from vlmstream.writer import ShardWriter
+
+    out = str(tmp_path / "out")
+    assert run_pack(llava_jsonl.inputs, out, "--maxcount", "10") == 0
+    before = shard_bytes(out)
+    real, calls = ShardWriter.write_encoded, []
+
+    def interrupted(self, data):
+        calls.append(1)
+        if len(calls) == 30:
+            raise KeyboardInterrupt
+        real(self, data)
+
+    monkeypatch.setattr(ShardWriter, "write_encoded", interrupted)
+    try:
+        code = run_pack(llava_jsonl.inputs, out, "--maxcount", "7", "--overwrite")
+    except KeyboardInterrupt:  # would stop the whole test session
+        pytest.fail("the KeyboardInterrupt went through the tool's main()")
+    assert code == 130
+    assert capsys.readouterr().err == "pack_shards: interrupted\n"
+    assert shard_bytes(out) == before
+
+
+def test_jobs_share_the_folder_and_each_replaces_only_its_own_part(llava_jsonl, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    manifests = [os.path.join(out, f"index.j{j:04d}.json") for j in range(2)]
+
+    def job(j, *more):
+        return run_pack(llava_jsonl.inputs, out, "--job-index", str(j), "--num-jobs", "2", *more)
+
+    assert job(0, "--maxcount", "8") == 0 and job(1, "--maxcount", "8") == 0  # job 1 starts beside job 0's files
+    assert run_pack_merge(manifests, os.path.join(out, "index.json")) == 0
+    first = shard_bytes(out)
+    assert job(0, "--maxcount", "5") == 1  # job 0 of an earlier pack is there
+    assert "holds index.j0000.json of an earlier pack" in capsys.readouterr().err and shard_bytes(out) == first
+    # What a job run killed while publishing leaves: shards no manifest names.
+    for j in range(2):
+        with open(os.path.join(out, f"shard-j{j:04d}-deadbeef-000000.tar"), "wb") as f:
+            f.write(b"stale")
+    assert job(0, "--maxcount", "5", "--overwrite") == 0
+    now = shard_bytes(out)
+    assert "shard-j0000-deadbeef-000000.tar" not in now  # job 0's stale shard went
+    assert all(now[name] == data for name, data in first.items() if name != "index.j0000.json")  # job 1's part,
+    check_manifest(out)  # and every shard of the merged pack readers use, stays until the next merge
+    check_manifest(out, "index.j0000.json")
+    assert job(1, "--maxcount", "5", "--overwrite") == 0
+    assert "shard-j0001-deadbeef-000000.tar" not in os.listdir(out)
+    new = manifest_shards(out, "index.j0000.json") + manifest_shards(out, "index.j0001.json")
+    assert tar_names(out) == sorted(manifest_shards(out) + new)  # the merged pack's, and the jobs' new ones
+    assert run_pack_merge(manifests, os.path.join(out, "index.json")) == 0
+    check_manifest(out)
+    assert tar_names(out) == manifest_shards(out) == sorted(new)  # merge removed the old ones
+    assert sorted(os.listdir(out)) == sorted(["index.json", *map(os.path.basename, manifests), "rejects.j0000.jsonl",
+                                              "rejects.j0001.jsonl", *manifest_shards(out)])
+    check_samples(read_pack(out), llava_jsonl)
+
+
+def test_jobs_over_a_single_job_pack_replace_it_at_the_merge(llava_jsonl, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert run_pack(llava_jsonl.inputs, out, "--maxcount", "10") == 0
+    old = manifest_shards(out)
+    job = ["--job-index", "0", "--num-jobs", "2"]
+    assert run_pack(llava_jsonl.inputs, out, *job) == 1 and "holds index.json" in capsys.readouterr().err
+    for j in range(2):
+        job[1] = str(j)
+        assert run_pack(llava_jsonl.inputs, out, *job, "--overwrite") == 0
+    assert tar_names(out) == sorted(old + manifest_shards(out, "index.j0000.json")
+                                    + manifest_shards(out, "index.j0001.json"))
+    assert check_manifest(out)["num_shards"] == len(old)  # the old pack, still whole until the merge
+    manifests = [os.path.join(out, f"index.j{j:04d}.json") for j in range(2)]
+    assert run_pack_merge(manifests, os.path.join(out, "index.json")) == 0
+    assert tar_names(out) == manifest_shards(out) and not set(old) & set(manifest_shards(out))
+    assert "rejects.jsonl" not in os.listdir(out)  # the single-job pack's, gone with it
+    check_samples(read_pack(out), llava_jsonl)

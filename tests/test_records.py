@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import signal
+import sys
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -177,6 +180,24 @@ def test_json_array_errors_name_the_element(tmp_path, text, match):
         list(R._json_array(str(path), chunk=2))
 
 
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"], ids=["plain", "bom"])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 20])
+def test_json_array_bad_utf8_names_the_file_line_and_byte(tmp_path, bom, chunk):
+    """Wherever the chunks cut, a byte that is not UTF-8 is reported with its exact place, not as a bare
+    UnicodeDecodeError; characters of several bytes cut by a chunk still decode."""
+    head = bom + '[\n {"caption": "été ✓ 😀"},\n {"caption": "'.encode()
+    path = tmp_path / "a.json"
+    path.write_bytes(head + b"ab\xffc" + b'"}\n]\n')
+    with pytest.raises(FormatError) as e:
+        list(R._json_array(str(path), chunk=chunk))
+    assert str(e.value) == f"{path}: invalid UTF-8 at line 3, byte {len(head) + 2}: invalid start byte"
+    path.write_bytes(head + "ab✓c".encode() + b'"}\n]\n')
+    assert [r["caption"] for r in R._json_array(str(path), chunk=chunk)] == ["été ✓ 😀", "ab✓c"]
+    path.write_bytes(head + "ab✓".encode()[:-1])  # the file ends inside a character
+    with pytest.raises(FormatError, match=f"line 3, byte {len(head) + 2}: unexpected end of data"):
+        list(R._json_array(str(path), chunk=chunk))
+
+
 def test_parquet_is_read_in_batches_never_whole(finevision_parquet, monkeypatch):
     import pyarrow.parquet as pq
 
@@ -231,6 +252,31 @@ def test_image_folder_sorted_recursive_and_missing_captions(tmp_path):
     assert recs[2].images == [os.path.join(str(tmp_path), "sub/c.png")]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="FIFOs as on Linux")
+def test_image_folder_captions_are_read_as_images_are(tmp_path):
+    """A caption sidecar is read only as a bounded regular file inside the folder: a FIFO would block the
+    packer's main process, a link out of the folder would pack a file nobody chose."""
+    folder, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    for name in ("a", "b", "c"):
+        (folder / f"{name}.png").write_bytes(_png())
+    (folder / "a.txt").write_text("a caption")
+    os.mkfifo(folder / "b.txt")
+    (elsewhere / "secret.txt").write_text("not for packing")
+    os.symlink(elsewhere / "secret.txt", folder / "c.txt")
+    inp = R.open_input(str(folder))
+    with deadline(10):
+        recs = list(R.read_records(inp))
+    assert recs[0].error is None and recs[0].conversation.messages[1]["content"] == "a caption"
+    assert recs[1].error == f"b.png: caption {folder / 'b.txt'} is not a regular file but a FIFO"
+    assert recs[2].error.startswith(f"c.png: caption {folder / 'c.txt'} is outside the image root {folder}")
+    with deadline(10):
+        recs = list(R.read_records(inp, allow_outside_root=True))
+    assert recs[2].error is None and recs[2].conversation.messages[1]["content"] == "not for packing"
+    assert "FIFO" in recs[1].error
+
+
 # ------------------------------------------------------------------------------------------ images
 
 
@@ -255,6 +301,72 @@ def test_load_image_rejects_what_training_could_not_decode(data, match):
 def test_missing_image(tmp_path):
     with pytest.raises(FormatError, match="missing image"):
         R.load_image(str(tmp_path / "nope.png"))
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise in the main thread if the block takes longer: a read that blocks fails the test, not the suite."""
+    def expire(*_):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="FIFOs and devices as on Linux")
+def test_read_image_file_reads_bounded_regular_files_only(tmp_path):
+    data = _png((16, 16))
+    (tmp_path / "a.png").write_bytes(data)
+    assert R.read_image_file(str(tmp_path / "a.png"), max_bytes=len(data)) == data  # exactly the limit: read
+    with pytest.raises(FormatError, match=f"a.png is {len(data)} bytes, more than the {len(data) - 1} bytes allowed"):
+        R.read_image_file(str(tmp_path / "a.png"), max_bytes=len(data) - 1)
+    os.mkfifo(tmp_path / "pipe.png")
+    with deadline(10):  # nobody writes to it: opening it to read would block forever
+        with pytest.raises(FormatError, match="pipe.png is not a regular file but a FIFO"):
+            R.read_image_file(str(tmp_path / "pipe.png"))
+    for path, kind in [("/dev/zero", "character device"), (str(tmp_path), "folder")]:
+        with pytest.raises(FormatError, match=f"{path} is not a regular file but a {kind}$"):
+            R.load_image(path)  # /dev/zero read to its end would take all the memory there is
+    with pytest.raises(FormatError, match="missing image"):
+        R.read_image_file(str(tmp_path / "nope.png"))
+    with pytest.raises(FormatError, match="bad image path .*: a NUL character"):
+        R.read_image_file(str(tmp_path / "a\0b.png"))
+    with pytest.raises(FormatError, match=f"embedded image is {len(data)} bytes, more than the {len(data) - 1} bytes"):
+        R.load_image(data, max_bytes=len(data) - 1)
+
+
+def test_read_image_file_stays_under_the_root_symlinks_included(tmp_path):
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    data = _png()
+    (root / "sub" / "a.png").write_bytes(data)
+    (elsewhere / "b.png").write_bytes(data)
+    os.symlink(root / "sub" / "a.png", root / "in.png")  # a link that stays inside: fine
+    os.symlink(elsewhere / "b.png", root / "out.png")
+    os.symlink(elsewhere, root / "linked")
+    inside = [root / "sub" / "a.png", root / "sub" / ".." / "sub" / "a.png", root / "in.png"]
+    assert all(R.read_image_file(str(p), root=str(root)) == data for p in inside)
+    for p in [root / ".." / "elsewhere" / "b.png", root / "out.png", root / "linked" / "b.png", "/dev/zero",
+              str(root) + "-sibling/x.png"]:
+        with pytest.raises(FormatError, match=f"outside the image root {root}"):
+            R.read_image_file(str(p), root=str(root))
+    assert R.read_image_file(str(root / "out.png")) == data  # no root: anywhere
+    # Records carry the root their paths were resolved against; convert holds them to it unless told not to.
+    src = tmp_path / "in.jsonl"
+    lines = [json.dumps({"image": p, "caption": "x"}) + "\n" for p in ("../elsewhere/b.png", "sub/a.png")]
+    src.write_text("".join(lines))
+    recs = list(R.read_records(R.open_input(str(src), image_root=str(root))))
+    assert [r.image_root for r in recs] == [str(root)] * 2
+    (_, members, reject), (_, _, fine) = [R.convert(r) for r in recs]
+    assert members is None and reject["source"] == str(src) and reject["position"] == 0
+    assert "outside the image root" in reject["reason"] and fine is None
+    assert [R.convert(r, allow_outside_root=True)[2] for r in recs] == [None, None]
 
 
 def test_shrink_bounds_the_long_side_and_keeps_what_it_must():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -10,8 +11,8 @@ import tarfile
 
 import pytest
 
-from conftest import Vqa
-from vlmstream.format import Conversation, sample_key, sample_members
+from conftest import FullDisk, Vqa
+from vlmstream.format import Conversation, ShardInfo, sample_key, sample_members, write_manifest
 from vlmstream.writer import ShardWriter, closed_size, sample_bytes, tar_member
 
 
@@ -140,3 +141,30 @@ def test_an_error_drops_only_the_unfinished_shard(vqa, tmp_path):
             raise RuntimeError("stop")
     assert os.listdir(tmp_path) == ["shard-000000.tar"]
     assert [s.samples for s in w.shards] == [4]
+
+
+def test_a_full_disk_leaves_no_temporary_file(vqa, tmp_path, monkeypatch):
+    """Writing fails with ENOSPC midway through the second shard; closing the file then fails too (its buffer
+    cannot be flushed), and the temporary file must still go: only the finished shard stays."""
+    from vlmstream import writer
+
+    samples = _samples(vqa, 8)
+    one_shard = closed_size(sum(len(sample_bytes(*s)) for s in samples[:4]))
+    monkeypatch.setattr(writer, "open", FullDisk(one_shard + 3000).open, raising=False)
+    with pytest.raises(OSError) as e:
+        _write(tmp_path, samples, maxcount=4)
+    assert e.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == ["shard-000000.tar"]
+
+
+def test_write_manifest_on_a_full_disk_keeps_the_old_one(tmp_path, monkeypatch):
+    from vlmstream import format as F
+
+    path = str(tmp_path / "index.json")
+    write_manifest(path, [ShardInfo("a.tar", 1, 10240, "0" * 64)])
+    before = (tmp_path / "index.json").read_text()
+    monkeypatch.setattr(F, "open", FullDisk(100).open, raising=False)
+    with pytest.raises(OSError):
+        write_manifest(path, [ShardInfo(f"{n}.tar", 1, 10240, "1" * 64) for n in range(10)])
+    assert os.listdir(tmp_path) == ["index.json"]  # no index.json.tmpPID
+    assert (tmp_path / "index.json").read_text() == before

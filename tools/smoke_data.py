@@ -85,8 +85,10 @@ def prepare(root: str, *, maxcount: int = 250, vocab_size: int = 600, questions_
         with tempfile.TemporaryDirectory() as tmp:
             records = os.path.join(tmp, f"easyvqa_{split}.jsonl")
             n = write_llava_jsonl(records, split, limit, questions_per_record if split == "train" else None)
+            images = os.path.commonpath(list(easyvqa_split(split)[3].values()))  # the records name these files
             cmd = [sys.executable, os.path.join(TOOLS, "pack_shards.py"), records, "--output", out,
-                   "--maxcount", str(maxcount), "--workers", str(workers), "--shuffle", "--seed", "0"]
+                   "--image-root", images, "--maxcount", str(maxcount), "--workers", str(workers),
+                   "--shuffle", "--seed", "0"]
             if not quiet:
                 print("  $ " + " ".join(["python", *cmd[1:]]), flush=True)
             done = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else None, stderr=subprocess.STDOUT if quiet else None)

@@ -23,6 +23,7 @@ What the packer (``tools/pack_shards.py``) writes, exactly:
   seeded permutation; each shard holds consecutive positions.
 - tar headers: ustar (pax only where a name needs it), mtime 0, uid/gid 0, empty uname/gname, mode 0o644;
   the archive ends with two zero blocks, padded to a multiple of 10240 bytes like tarfile and GNU tar.
+- shard names: ``shard_name(prefix, n, job, pack_id(shards))``, e.g. ``shard-3fa9c2e1-000000.tar``.
 - ``rejects.jsonl`` (``rejects_name``): one JSON object per record not packed, in input order:
   ``{"source", "position", "line" (JSONL only), "index", "reason"}``.
 - the manifest's informative ``packing`` key: ``inputs`` (``path``, detected ``format``, ``records``),
@@ -32,6 +33,8 @@ What the packer (``tools/pack_shards.py``) writes, exactly:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -182,10 +185,20 @@ def _text(v: bytes | str) -> str:
 # ---------------------------------------------------------------------------------------------- shard names
 
 
-def shard_name(prefix: str, index: int, job: int | None = None) -> str:
-    """``prefix-000042.tar``, or ``prefix-j0003-000042.tar`` for job 3 of a multi-job pack."""
+def shard_name(prefix: str, index: int, job: int | None = None, pack: str | None = None) -> str:
+    """``prefix-000042.tar``; ``prefix-j0003-000042.tar`` for job 3 of a multi-job pack; with the pack id
+    (``pack_id``) before the number, as the packer names them: ``prefix-3fa9c2e1-000042.tar``."""
     job_part = "" if job is None else f"-j{job:04d}"
-    return f"{prefix}{job_part}-{index:06d}.tar"
+    pack_part = "" if pack is None else f"-{pack}"
+    return f"{prefix}{job_part}{pack_part}-{index:06d}.tar"
+
+
+def pack_id(shards: Iterable[ShardInfo]) -> str:
+    """Eight hex digits of a digest of the shards' sha256s, in order: the packer puts it in shard names, so a
+    pack written over an older one does not take the name of a shard with other bytes (short of a one in 2**32
+    clash; the old manifest stays true until the new one replaces it), while packing the same inputs again
+    gives the same names and bytes."""
+    return hashlib.sha256(" ".join(s.sha256 for s in shards).encode()).hexdigest()[:8]
 
 
 def job_manifest_name(job: int) -> str:
@@ -225,13 +238,19 @@ def manifest_json(shards: Iterable[ShardInfo], **meta: Any) -> dict[str, Any]:
 
 
 def write_manifest(path: str, shards: Iterable[ShardInfo], **meta: Any) -> dict[str, Any]:
-    """Write atomically (temp file + rename) so a reader never sees half a manifest."""
+    """Write atomically (temp file + rename) so a reader never sees half a manifest; on an error (a full
+    disk, say) the temporary file is removed, not left beside the manifest."""
     doc = manifest_json(shards, **meta)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     return doc
 
 

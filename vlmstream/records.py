@@ -13,10 +13,13 @@ The chat schemas differ mostly by field names, so they share one parser driven b
 
 from __future__ import annotations
 
+import codecs
+import functools
 import io
 import json
 import math
 import os
+import stat
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -37,6 +40,8 @@ from .writer import sample_bytes
 SCHEMAS = ("llava", "sharegpt", "finevision", "caption")  # record schemas of JSON / JSONL inputs
 FORMATS = (*SCHEMAS, "folder", "parquet")  # what --format can name
 PARQUET_BATCH_ROWS = 64  # rows per Parquet read: bounds memory when rows embed large images
+MAX_IMAGE_BYTES = 256 << 20  # bytes of one image at most, by default: far above any photo, far below memory
+MAX_CAPTION_BYTES = 16 << 20  # bytes of an image folder's caption file at most: far above any caption
 
 # chat schema -> (turn list fields tried in order, image field); turns may be {role, content} or {from, value}.
 CHAT_FIELDS = {
@@ -64,6 +69,7 @@ class Record:
     images: list[str | bytes] = field(default_factory=list)  # file paths, or encoded bytes from Parquet
     error: str | None = None  # why the record cannot be packed, found while reading it
     index: int = 0  # global index over all inputs (the sample key), set by the caller
+    image_root: str | None = None  # the folder its image paths were resolved against, and must stay in
 
     def reject(self, reason: str) -> dict[str, Any]:
         """The line ``rejects.jsonl`` gets for this record."""
@@ -184,7 +190,7 @@ def make_record(
     raw: Any, schema: str, source: str, position: int, root: str, line: int | None = None
 ) -> Record:
     """A Record from one parsed input record; schema problems become the record's error, not an exception."""
-    rec = Record(source, position, line)
+    rec = Record(source, position, line, image_root=root)
     try:
         messages, refs, used = parse_record(raw, schema)
         meta: dict[str, Any] = {"source": source, "position": position}
@@ -247,11 +253,14 @@ def open_input(path: str, fmt: str | None = None, image_root: str | None = None)
     return Input(path, schema or "llava", root, count)  # an empty file has no records to read in any schema
 
 
-def read_records(inp: Input, want: Callable[[int], bool] | None = None) -> Iterator[Record]:
-    """Yield a Record per input record in order; positions ``want`` rejects are skipped before any parsing."""
+def read_records(
+    inp: Input, want: Callable[[int], bool] | None = None, allow_outside_root: bool = False
+) -> Iterator[Record]:
+    """Yield a Record per input record in order; positions ``want`` rejects are skipped before any parsing.
+    An image folder's caption files are read as ``convert`` reads images (``allow_outside_root`` likewise)."""
     want = want or (lambda _: True)
     if inp.format == "folder":
-        yield from _read_folder(inp, want)
+        yield from _read_folder(inp, want, allow_outside_root)
     elif inp.format == "parquet":
         yield from _read_parquet(inp, want)
     else:
@@ -307,16 +316,35 @@ def _json_line(line: bytes) -> Any:
 
 
 def _json_array(path: str, chunk: int = 1 << 20) -> Iterator[Any]:
-    """The elements of a top-level JSON array, parsed one at a time: a 1 GB LLaVA file is never held whole."""
+    """The elements of a top-level JSON array, parsed one at a time: a 1 GB LLaVA file is never held whole.
+
+    The bytes are decoded here, not by a text-mode file, so that a byte that is not UTF-8 is reported with the
+    file, line and byte offset where it lies instead of as a bare UnicodeDecodeError.
+    """
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, "rb") as f:
         buf, pos, eof, count = "", 0, False, 0
+        raw = f.read(3)  # a UTF-8 byte order mark is skipped, as "utf-8-sig" does
+        offset = 3 if raw == codecs.BOM_UTF8 else 0  # file offset of raw[0]: bytes read but not yet decoded
+        raw = b"" if offset else raw
+        lines = 0  # newlines in the bytes before raw
 
         def more() -> None:
-            nonlocal buf, pos, eof
+            nonlocal buf, pos, eof, raw, offset, lines
             data = f.read(max(chunk, len(buf) - pos))  # grows geometrically for an element larger than a chunk
             eof = not data
-            buf, pos = buf[pos:] + data, 0
+            raw += data
+            try:
+                text, used = codecs.utf_8_decode(raw, "strict", eof)  # a character cut by the chunk waits
+            except UnicodeDecodeError as e:
+                line = lines + raw.count(b"\n", 0, e.start) + 1
+                raise FormatError(
+                    f"{path}: invalid UTF-8 at line {line}, byte {offset + e.start}: {e.reason}"
+                ) from None
+            lines += raw.count(b"\n", 0, used)
+            offset += used
+            raw = raw[used:]
+            buf, pos = buf[pos:] + text, 0
 
         def next_char() -> str:
             nonlocal pos
@@ -374,18 +402,21 @@ def _folder_images(path: str) -> list[str]:
     return sorted(found)
 
 
-def _read_folder(inp: Input, want: Callable[[int], bool]) -> Iterator[Record]:
+def _read_folder(inp: Input, want: Callable[[int], bool], allow_outside_root: bool = False) -> Iterator[Record]:
+    root = None if allow_outside_root else inp.image_root
     for position, rel in enumerate(_folder_images(inp.path)):
         if not want(position):
             continue
         txt = os.path.join(inp.path, rel.rsplit(".", 1)[0] + ".txt")
         try:
-            with open(txt, "rb") as f:
-                caption = f.read().decode("utf-8-sig")
+            caption = _read_regular_file(txt, MAX_CAPTION_BYTES, root, "caption").decode("utf-8-sig")
         except FileNotFoundError:
             yield Record(inp.path, position, error=f"{rel}: no caption file {os.path.basename(txt)}")
             continue
-        except (OSError, UnicodeDecodeError) as e:
+        except FormatError as e:
+            yield Record(inp.path, position, error=f"{rel}: {e}")
+            continue
+        except UnicodeDecodeError as e:
             yield Record(inp.path, position, error=f"{rel}: unreadable caption: {e}")
             continue
         raw = {"image": rel, "caption": caption, "file": rel}
@@ -423,20 +454,102 @@ def _read_parquet(inp: Input, want: Callable[[int], bool]) -> Iterator[Record]:
 # ----------------------------------------------------------------------------------- record -> sample
 
 
-def load_image(src: str | bytes, max_side: int | None = None, jpeg_quality: int = 90) -> tuple[str, bytes]:
+def read_image_file(path: str, max_bytes: int = MAX_IMAGE_BYTES, root: str | None = None) -> bytes:
+    """The bytes of an image file: a regular file of at most ``max_bytes`` bytes and, when ``root`` is given,
+    one whose real path (symlinks resolved) lies under ``root``'s; anything else is a FormatError.
+
+    Input records name their images, and a record can name anything: /dev/zero would be read until memory
+    runs out, a FIFO would block the packer forever, and ``../`` or a symlink would reach files nobody chose
+    to pack. So the file is opened without blocking, checked with fstat (the file opened, not a path that
+    could change), and read no further than one byte past the limit.
+    """
+    try:
+        return _read_regular_file(path, max_bytes, root, "image", "--max-image-bytes")
+    except FileNotFoundError:
+        raise FormatError(f"missing image {path}") from None
+
+
+def _read_regular_file(
+    path: str, max_bytes: int, root: str | None, what: str, option: str | None = None
+) -> bytes:
+    """``read_image_file`` for any file an input names: ``what`` it is and the ``option`` that sets
+    ``max_bytes`` are for the messages; FileNotFoundError is left to the caller, which knows what a missing
+    file means."""
+    if "\0" in path:
+        raise FormatError(f"bad {what} path {path!r}: a NUL character")
+    opened = path
+    if root is not None:
+        opened, real_root = os.path.realpath(path), _realpath(root)
+        if os.path.commonpath([opened, real_root]) != real_root:
+            raise FormatError(f"{what} {path} is outside the image root {real_root} (it resolves to {opened}; "
+                              "--allow-outside-root reads it)")
+    try:  # without blocking: a FIFO opens at once (and is then refused) instead of waiting for a writer
+        fd = os.open(opened, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise FormatError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{what} {path} is not a regular file but a {_file_kind(st.st_mode)}")
+        if st.st_size > max_bytes:
+            raise FormatError(_too_large(f"{what} {path}", max_bytes, st.st_size, option))
+        data = _read_at_most(fd, max_bytes + 1, st.st_size)
+    except OSError as e:
+        raise FormatError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # longer than fstat said: growing, or a size the kernel does not know (/proc)
+        raise FormatError(_too_large(f"{what} {path} is", max_bytes, None, option))
+    return data
+
+
+def _read_at_most(fd: int, limit: int, size_hint: int) -> bytes:
+    """Up to ``limit`` bytes of ``fd``; the first read asks for one byte more than ``size_hint``, so a file of
+    the size fstat gave takes one read and one to see its end."""
+    parts, total, want = [], 0, min(size_hint + 1, limit)
+    while total < limit:
+        part = os.read(fd, min(want, limit - total))
+        if not part:
+            break
+        parts.append(part)
+        total += len(part)
+        want = 1 << 20
+    return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=64)
+def _realpath(folder: str) -> str:
+    """A root's real path, resolved once per worker rather than once per image."""
+    return os.path.realpath(folder)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")]
+    return next((name for test, name in kinds if test(mode)), f"file of mode {mode:o}")
+
+
+def _too_large(what: str, max_bytes: int, size: int | None = None, option: str | None = None) -> str:
+    known = f" is {size} bytes," if size is not None else ""
+    return f"{what}{known} more than the {max_bytes} bytes allowed" + (f" ({option})" if option else "")
+
+
+def load_image(
+    src: str | bytes, max_side: int | None = None, jpeg_quality: int = 90, max_bytes: int = MAX_IMAGE_BYTES,
+    root: str | None = None,
+) -> tuple[str, bytes]:
     """(Pillow format, bytes) of a fully decoded, supported image: the original bytes, or a downscaled
-    re-encoding when ``max_side`` is set and the long side exceeds it."""
+    re-encoding when ``max_side`` is set and the long side exceeds it. A path is read by ``read_image_file``
+    (``max_bytes``, ``root``); embedded bytes are held to ``max_bytes`` too."""
     from PIL import Image
 
     name = src if isinstance(src, str) else "embedded image"
     if isinstance(src, str):
-        try:
-            with open(src, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise FormatError(f"missing image {src}") from None
-        except OSError as e:
-            raise FormatError(f"cannot read image {src}: {e.strerror or e}") from None
+        data = read_image_file(src, max_bytes, root)
+    elif len(src) > max_bytes:
+        raise FormatError(_too_large(name, max_bytes, len(src), "--max-image-bytes"))
     else:
         data = src
     try:
@@ -475,9 +588,13 @@ def shrink(im, max_side: int, jpeg_quality: int = 90) -> tuple[str, bytes]:
 
 
 def convert(
-    rec: Record, max_side: int | None = None, jpeg_quality: int = 90
+    rec: Record, max_side: int | None = None, jpeg_quality: int = 90, max_image_bytes: int = MAX_IMAGE_BYTES,
+    allow_outside_root: bool = False,
 ) -> tuple[int, list[tuple[str, bytes]] | None, dict[str, Any] | None]:
-    """(index, tar members, None) for a good record, (index, None, reject line) for a bad one."""
+    """(index, tar members, None) for a good record, (index, None, reject line) for a bad one.
+
+    Image files must lie under the record's ``image_root`` unless ``allow_outside_root``; no image may
+    exceed ``max_image_bytes`` (see ``read_image_file``)."""
     try:
         if rec.error is not None:
             raise FormatError(rec.error)
@@ -485,7 +602,8 @@ def convert(
         messages, meta = rec.conversation.messages, rec.conversation.meta
         # Check the turns before reading any image: provisional distinct names stand in for the images.
         validate_conversation(Conversation(messages, [str(i) for i in range(len(rec.images))], meta))
-        loaded = [load_image(src, max_side, jpeg_quality) for src in rec.images]
+        root = None if allow_outside_root else rec.image_root
+        loaded = [load_image(src, max_side, jpeg_quality, max_image_bytes, root) for src in rec.images]
         conv = Conversation(messages, [image_member(i, fmt) for i, (fmt, _) in enumerate(loaded)], meta)
         return rec.index, sample_members(conv, [data for _, data in loaded]), None
     except FormatError as e:
@@ -495,11 +613,13 @@ def convert(
 
 
 def convert_batch(
-    recs: list[Record], max_side: int | None = None, jpeg_quality: int = 90
+    recs: list[Record], max_side: int | None = None, jpeg_quality: int = 90, max_image_bytes: int = MAX_IMAGE_BYTES,
+    allow_outside_root: bool = False,
 ) -> list[tuple[int, bytes | None, dict[str, Any] | None]]:
     """``convert`` over a list, each sample encoded as tar bytes (``writer.sample_bytes``): the work a worker
     process does, one round trip per batch, leaving the main process only to write bytes in order."""
     out = []
-    for index, members, reject in (convert(r, max_side, jpeg_quality) for r in recs):
+    for rec in recs:
+        index, members, reject = convert(rec, max_side, jpeg_quality, max_image_bytes, allow_outside_root)
         out.append((index, None if members is None else sample_bytes(sample_key(index), members), reject))
     return out

@@ -99,11 +99,17 @@ class ShardWriter:
         return list(self.shards)
 
     def abort(self) -> None:
-        """Drop the unfinished shard (its temporary file); shards already closed stay."""
+        """Drop the unfinished shard (its temporary file); shards already closed stay.
+
+        The file is removed even when closing it fails, as it does on a full disk (closing flushes the buffer)."""
         if self._file is not None:
-            self._file.close()
-            os.remove(self._file.name)
-            self._file = None
+            f, self._file = self._file, None
+            try:
+                f.close()
+            except OSError:
+                pass
+            finally:
+                os.remove(f.name)
 
     def __enter__(self) -> "ShardWriter":
         return self
