@@ -31,6 +31,8 @@ class Fault:
     short_by: int | None = None  # claim the full Content-Length, send fewer bytes, close
     stall: float | None = None  # sleep this long before sending the body
     ignore_range: bool = False  # answer 200 with the whole body even when a Range was asked
+    overclaim: int | None = None  # claim a file this many bytes longer (Content-Length, Content-Range), send the body, close
+    drip: float | None = None  # send the body one byte at a time, this many seconds apart
 
 
 @dataclass
@@ -91,11 +93,12 @@ def _handler(root: str, plan: FaultPlan) -> type:
             status = 206 if start else 200
             plan.log.append((path, start, status))
             part = body[start:]
+            extra = (fault.overclaim or 0) if fault else 0
             self.send_response(status)
-            self.send_header("Content-Length", str(len(part)))
+            self.send_header("Content-Length", str(len(part) + extra))
             self.send_header("ETag", '"v1"')
             if status == 206:
-                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                self.send_header("Content-Range", f"bytes {start}-{len(body) + extra - 1}/{len(body) + extra}")
             self.end_headers()
             if fault and fault.stall:
                 time.sleep(fault.stall)
@@ -103,6 +106,17 @@ def _handler(root: str, plan: FaultPlan) -> type:
                 self.wfile.write(part[: fault.cut_at])
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            if fault and fault.drip:
+                for i in range(len(part)):
+                    self.wfile.write(part[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(fault.drip)
+                return
+            if fault and fault.overclaim:
+                self.wfile.write(part)
+                self.wfile.flush()
                 self.close_connection = True
                 return
             if fault and fault.short_by:

@@ -48,7 +48,7 @@ class FetchOptions:
     max_backoff: float = 30.0
     headers: Mapping[str, str] = field(default_factory=dict)  # e.g. {"Authorization": "Bearer ..."}
     chunk: int = 1 << 20
-    sleep: Callable[[float], None] = time.sleep  # injectable for tests
+    sleep: Callable[[float], None] | None = None  # the wait before a retry (None: a wait that a closed stream ends)
 
 
 @dataclass
@@ -142,12 +142,35 @@ class _Retry(Exception):
         self.why, self.wait = why, wait
 
 
-class HTTPStream(io.RawIOBase):
-    """A readable stream over one HTTP(S) URL that retries and resumes by Range where it broke."""
+def _read_once(resp: http.client.HTTPResponse, b: memoryview) -> int:
+    """Read at most one recv's worth of the body into ``b``. (``HTTPResponse.readinto`` loops recvs until ``b``
+    is full, and when a later recv fails the bytes of the earlier ones are lost with it.)"""
+    if resp.chunked:  # http.client's own framing; a copy, but shards are rarely sent chunked
+        data = resp.read1(len(b))
+        b[:len(data)] = data
+        return len(data)
+    if resp.length is not None:
+        b = b[:resp.length]
+    n = resp.fp.readinto1(b)
+    if resp.length is not None:
+        resp.length -= n
+    return n
 
-    def __init__(self, url: str, client: HTTPClient, headers: Mapping[str, str] | None = None, start: int = 0):
+
+class HTTPStream(io.RawIOBase):
+    """A readable stream over one HTTP(S) URL that retries and resumes by Range where it broke.
+
+    ``readinto`` fills its buffer, short only at the end of the body or when the transfer broke after some
+    bytes: those are returned at once and the retry happens on the next call, so a reader never loses bytes it
+    was given to an error that comes after them. ``cancel``: an event that, once set (the stream's reader is
+    gone), ends a wait for a retry at once.
+    """
+
+    def __init__(self, url: str, client: HTTPClient, headers: Mapping[str, str] | None = None, start: int = 0,
+                 cancel: threading.Event | None = None):
         self.url, self.client, self.opts = url, client, client.opts
         self._headers = headers  # per-URL headers (an hf:// token): kept out of errors and reprs
+        self.cancel = cancel
         self.pos = start  # > 0: the first request is already a Range request (resuming a checkpoint)
         self.length: int | None = None
         self.etag: str | None = None
@@ -155,6 +178,7 @@ class HTTPStream(io.RawIOBase):
         self.conn: http.client.HTTPConnection | None = None
         self.where: tuple[str, str] | None = None
         self.failures: list[str] = []
+        self._pending: BaseException | None = None  # a failure met after bytes were returned: raised next call
         self._attempt(self._open)
 
     def readable(self) -> bool:
@@ -178,16 +202,16 @@ class HTTPStream(io.RawIOBase):
                              reason="changed")
         self.etag = self.etag or etag
         if status == 200:
-            cl = resp.getheader("Content-Length")
-            if self.length is None and cl is not None:
-                self.length = int(cl)
+            if self.length is None and resp.length is not None:
+                self.length = resp.length
             skip = self.pos  # the server ignored Range: read up to where we were and throw it away
+            scratch = memoryview(bytearray(min(skip, self.opts.chunk)))
             while skip:
-                got = resp.read(min(skip, self.opts.chunk))
-                if not got:
+                n = _read_once(resp, scratch[:min(skip, len(scratch))])
+                if not n:
                     conn.close()
                     raise _Retry("body ended before the resume point (server ignores Range)")
-                skip -= len(got)
+                skip -= n
         else:
             m = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.getheader("Content-Range", ""))
             if not m or int(m.group(1)) != self.pos:
@@ -223,35 +247,66 @@ class HTTPStream(io.RawIOBase):
                     wait = random.uniform(0, min(self.opts.max_backoff, self.opts.backoff * 2**tries))
                 tries += 1
                 self.client.stats.retries += 1
-                self.opts.sleep(wait)
+                self._wait(wait)
+
+    def _wait(self, seconds: float) -> None:
+        """Wait before a retry; a stream whose reader is gone (``cancel`` set) stops waiting, and retrying."""
+        if self.opts.sleep is not None:
+            self.opts.sleep(seconds)
+        elif self.cancel is not None:
+            self.cancel.wait(seconds)
+        else:
+            time.sleep(seconds)
+        if self.cancel is not None and self.cancel.is_set():
+            raise FetchError(f"{redact(self.url)}: closed by its reader at byte {self.pos}", reason="cancelled")
 
     def _drop(self) -> None:
         if self.conn is not None:
             self.conn.close()
         self.resp = self.conn = None
 
-    def _readinto_once(self, b: memoryview) -> int:
-        if self.resp is None:
-            self._open()
-        n = self.resp.readinto(b)
-        if n == 0 and len(b):
-            if self.length is not None and self.pos < self.length:
-                raise _Retry(f"connection closed at byte {self.pos} of {self.length}")
-            self.client.release(*self.where, self.conn)  # body complete: the connection can be reused
+    def _finish(self) -> None:
+        """The body is complete: its connection goes back to the client for the next request."""
+        if self.resp is not None:
+            self.resp.read()  # nothing left to read: this closes the response, as keep-alive requires
+            self.client.release(*self.where, self.conn)
             self.resp = self.conn = None
-        return n
+
+    def _fill(self, b: memoryview) -> int:
+        if self._pending is not None:
+            error, self._pending = self._pending, None
+            raise error
+        got = 0
+        while got < len(b):
+            if self.length is not None and self.pos >= self.length:
+                self._finish()
+                break
+            try:
+                if self.resp is None:
+                    self._open()
+                n = _read_once(self.resp, b[got:])
+                if not n:
+                    if self.length is not None and self.pos < self.length:
+                        raise _Retry(f"connection closed at byte {self.pos} of {self.length}")
+                    self._finish()  # a body of unknown length ends with its connection's last byte
+                    break
+            except (_Retry, OSError, http.client.HTTPException) as e:
+                if not got:
+                    raise
+                self._drop()
+                self._pending = e  # the bytes already here go to the reader first
+                break
+            got += n
+            self.pos += n
+        self.client.stats.bytes += got
+        return got
 
     def readinto(self, b) -> int:
-        if self.length is not None and self.pos >= self.length:
-            if self.resp is not None:
-                self.resp.read()
-                self.client.release(*self.where, self.conn)
-                self.resp = self.conn = None
+        view = memoryview(b).cast("B")
+        if self.length is not None and self.pos >= self.length and self._pending is None:
+            self._finish()
             return 0
-        n = self._attempt(lambda: self._readinto_once(memoryview(b)))
-        self.pos += n
-        self.client.stats.bytes += n
-        return n
+        return self._attempt(lambda: self._fill(view))
 
     def close(self) -> None:
         self._drop()
@@ -259,16 +314,18 @@ class HTTPStream(io.RawIOBase):
 
 
 def open_url(url: str, *, client: HTTPClient | None = None, allow_pipe: bool = False, hf_token: str | bool | None = None,
-             buffer_size: int = 1 << 20, start: int = 0) -> BinaryIO:
+             buffer_size: int = 1 << 20, start: int = 0, cancel: threading.Event | None = None) -> BinaryIO:
     """Open a shard for reading from byte `start`: a local path, file://, http(s)://, hf:// or (only if
-    allowed) pipe:."""
+    allowed) pipe:. ``buffer_size=0``: unbuffered, where each ``readinto`` fills its buffer but at the end of
+    the stream or (HTTP) just before an error; ``cancel`` ends an HTTP stream's wait for a retry."""
     if url.startswith("pipe:"):
         if not allow_pipe:
             raise FetchError(f"{redact(url)[:40]!r}: pipe: URLs run shell commands; pass allow_pipe=True to use them",
                              reason="pipe_refused")
         if start:
             raise FetchError(f"{redact(url)[:40]!r}: a pipe: stream cannot start at byte {start}", reason="pipe_refused")
-        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=buffer_size)
+        # buffered even for buffer_size=0: a pipe's raw reads are short, and a BufferedReader's fill the buffer
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=buffer_size or io.DEFAULT_BUFFER_SIZE)
         return proc.stdout
     headers = None
     if url.startswith("hf://"):
@@ -276,7 +333,8 @@ def open_url(url: str, *, client: HTTPClient | None = None, allow_pipe: bool = F
         headers = {"Authorization": f"Bearer {token}"} if token else None
     if url.startswith(("http://", "https://")):
         client = client or HTTPClient(FetchOptions(), FetchStats())
-        return io.BufferedReader(HTTPStream(url, client, headers, start), buffer_size)
+        stream = HTTPStream(url, client, headers, start, cancel)
+        return io.BufferedReader(stream, buffer_size) if buffer_size else stream
     path = url[7:] if url.startswith("file://") else url
     try:
         f = open(path, "rb", buffering=buffer_size)
@@ -562,10 +620,12 @@ class fetch:
     def bind(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    def open(self, item: Mapping[str, Any], client: HTTPClient, buffer_size: int | None = None) -> BinaryIO:
-        """The item's stream, buffered by ``buffer_size`` (default: a chunk, for a tar reader reading it directly)."""
+    def open(self, item: Mapping[str, Any], client: HTTPClient, buffer_size: int | None = None,
+             cancel: threading.Event | None = None) -> BinaryIO:
+        """The item's stream, buffered by ``buffer_size`` (default: a chunk, for a tar reader reading it directly;
+        0: unbuffered, for the read-ahead thread, see `open_url`)."""
         url = item["url"]
-        buffer_size = buffer_size or self.opts.chunk
+        buffer_size = self.opts.chunk if buffer_size is None else buffer_size
         if self.ctx.num_workers > 1 and not item.get("worker_split") and not item.get("resampled"):
             raise ValueError(f"{self.ctx.num_workers} DataLoader workers would each read every shard: "
                              "add vs.split_by_worker() before vs.fetch()")
@@ -578,10 +638,11 @@ class fetch:
                 f.seek(start)
                 return f
         f = open_url(url, client=client, allow_pipe=self.allow_pipe, hf_token=self.hf_token,
-                     buffer_size=buffer_size, start=start)
+                     buffer_size=buffer_size, start=start, cancel=cancel)
         self.stats.shards += 1
         if self.cache is not None and "://" in url and not start:
-            return io.BufferedReader(self.cache.tee(url, f), buffer_size)
+            tee = self.cache.tee(url, f)
+            return io.BufferedReader(tee, buffer_size) if buffer_size else tee
         return f
 
     def shard_failed(self, error: FetchError, lost: int | None) -> None:
@@ -625,11 +686,13 @@ class fetch:
                         return
                     out = _ChunkStream(budget, buffers)
                     ready.put((item, out))
+                    if stop.is_set():
+                        return
                     cancelled = lambda: stop.is_set() or out.abandoned.is_set()  # noqa: E731
                     try:
-                        # A small buffer: reads of a whole chunk then go straight into the chunk (a buffer as
-                        # large as the chunk would take each in and copy it out again).
-                        with self.open(item, client, io.DEFAULT_BUFFER_SIZE) as f:
+                        # Unbuffered: each read goes straight into a chunk, and a short one (the end, or an
+                        # error next) is handed on at once, so the consumer gets every byte before any error.
+                        with self.open(item, client, 0, out.abandoned) as f:
                             while not cancelled() and budget.take(buffers.size, cancelled):
                                 buf = buffers.get()
                                 try:
@@ -662,9 +725,11 @@ class fetch:
                 yield self._out(item, stream)
         finally:
             stop.set()
-            while True:  # unblock the thread if it waits on a full queue
+            while True:  # unblock the thread if it waits on a full queue, and close what it opened for no one
                 try:
-                    ready.get_nowait()
+                    got = ready.get_nowait()
                 except queue.Empty:
                     break
+                if isinstance(got, tuple):
+                    got[1].close()  # ends the thread's retries of that shard
             t.join(timeout=5)
