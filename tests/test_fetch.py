@@ -102,6 +102,49 @@ def test_stall_longer_than_read_timeout_is_retried(blobs):
     assert stage.stats.retries == 1
 
 
+def within(seconds, fn):
+    """fn() run in a thread, failing the test if it takes longer (a hang must not hang the suite)."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # handed to the test
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still running after {seconds} s"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_a_server_that_trickles_is_a_stall_resumed_by_range(blobs):
+    """One byte every 20 ms never trips the per-recv read timeout; the low-speed limit catches it."""
+    root, data = blobs
+    plan = FaultPlan({("/s0.tar", 0): Fault(drip=0.02)})
+    with fault_server(str(root), plan) as (url, plan):
+        stage = fetch(prefetch=0, options=opts(read_timeout=0.5, low_speed_limit=1000, low_speed_time=0.3))
+        assert within(5, lambda: fetched(stage, [f"{url}/s0.tar"])) == [data["s0.tar"]]
+    assert [status for *_, status in plan.log] == [200, 206] and plan.log[1][1] > 0
+    assert stage.stats.stalls == 1 and stage.stats.retries == 1 and stage.stats.resumed == 1
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_server_that_always_trickles_is_given_up_naming_the_stall(blobs, prefetch):
+    root, _ = blobs
+    plan = FaultPlan({("/s1.tar", n): Fault(drip=0.02) for n in range(3)})
+    with fault_server(str(root), plan) as (url, plan):
+        stage = fetch(prefetch=prefetch, options=opts(read_timeout=0.5, retries=2, low_speed_limit=1000,
+                                                      low_speed_time=0.3))
+        with pytest.raises(FetchError, match=r"s1.tar: gave up after 3 attempts .*stalled: .* under low_speed_limit="
+                                             r"1000 bytes/s") as e:
+            within(5, lambda: fetched(stage, [f"{url}/s1.tar"]))
+    assert e.value.reason == "retries_exhausted" and stage.stats.stalls == 3
+
+
 def test_short_body_and_server_ignoring_range(blobs):
     root, data = blobs
     plan = FaultPlan({("/s3.tar", 0): Fault(short_by=100_000), ("/s3.tar", 1): Fault(ignore_range=True, cut_at=2_950_000),

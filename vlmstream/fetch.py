@@ -41,8 +41,17 @@ class FetchError(Reasoned, IOError):
 
 @dataclass
 class FetchOptions:
+    """How HTTP transfers are made and when they are retried (docs/ERRORS.md, "Fetch: retries and timeouts").
+
+    ``read_timeout`` bounds each wait for the next bytes; ``low_speed_limit`` / ``low_speed_time`` bound a
+    transfer that keeps trickling: slower than ``low_speed_limit`` bytes/s over ``low_speed_time`` seconds of
+    waiting for the server is a stall, retried by Range like a broken connection (0: no limit).
+    """
+
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    low_speed_limit: int = 1024  # bytes/s
+    low_speed_time: float = 60.0  # seconds
     retries: int = 8  # attempts after the first, per shard
     backoff: float = 0.5  # seconds, doubled each retry, with full jitter
     max_backoff: float = 30.0
@@ -58,6 +67,7 @@ class FetchStats(ErrorCounts):
     requests: int = 0
     retries: int = 0
     resumed: int = 0  # Range requests that continued a broken transfer
+    stalls: int = 0  # transfers slower than the low-speed limit (each retried, or given up)
     bytes: int = 0
     cache_hits: int = 0
     shards: int = 0
@@ -179,13 +189,38 @@ class HTTPStream(io.RawIOBase):
         self.where: tuple[str, str] | None = None
         self.failures: list[str] = []
         self._pending: BaseException | None = None  # a failure met after bytes were returned: raised next call
+        self._waited, self._got = 0.0, 0  # the low-speed window: seconds spent waiting in recv, bytes they gave
+        self.tries = 0  # failed attempts in a row (see _attempt)
+        self._opened_at = start  # where the current connection's body started
         self._attempt(self._open)
 
     def readable(self) -> bool:
         return True
 
     # -- one attempt at each step; _attempt wraps them in the retry policy
+    def _recv(self, resp: http.client.HTTPResponse, b: memoryview) -> int:
+        """One recv, timed: only the time spent waiting for the server counts towards the low-speed limit
+        (a reader that pauses is not a slow server)."""
+        t = time.monotonic()
+        n = _read_once(resp, b)
+        self._waited += time.monotonic() - t
+        self._got += n
+        return n
+
+    def _check_speed(self) -> None:
+        """Raise _Retry when the last ``low_speed_time`` seconds of waiting gave less than ``low_speed_limit``
+        bytes a second: a server that trickles never trips a per-recv timeout."""
+        if self._waited < self.opts.low_speed_time or not self.opts.low_speed_limit:
+            return
+        waited, got = self._waited, self._got
+        self._waited, self._got = 0.0, 0
+        if got < self.opts.low_speed_limit * waited:
+            self.client.stats.stalls += 1
+            raise _Retry(f"stalled: {got} bytes in {waited:.1f} s of waiting, under low_speed_limit="
+                         f"{self.opts.low_speed_limit} bytes/s")
+
     def _open(self) -> None:
+        self._waited, self._got, self._opened_at = 0.0, 0, self.pos
         resp, conn, final = self.client.request(self.url, self.pos, self._headers)
         status = resp.status
         if status in RETRY_STATUS:
@@ -207,11 +242,16 @@ class HTTPStream(io.RawIOBase):
             skip = self.pos  # the server ignored Range: read up to where we were and throw it away
             scratch = memoryview(bytearray(min(skip, self.opts.chunk)))
             while skip:
-                n = _read_once(resp, scratch[:min(skip, len(scratch))])
+                n = self._recv(resp, scratch[:min(skip, len(scratch))])
                 if not n:
                     conn.close()
                     raise _Retry("body ended before the resume point (server ignores Range)")
                 skip -= n
+                try:
+                    self._check_speed()
+                except _Retry:
+                    conn.close()
+                    raise
         else:
             m = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.getheader("Content-Range", ""))
             if not m or int(m.group(1)) != self.pos:
@@ -226,7 +266,9 @@ class HTTPStream(io.RawIOBase):
         self.resp, self.conn, self.where = resp, conn, (parts.scheme, parts.netloc)
 
     def _attempt(self, step: Callable[[], Any]) -> Any:
-        tries = 0
+        """step(), retried by the policy. ``self.tries`` counts the failed attempts in a row; it starts again
+        only after a connection that got a whole chunk through, so a server that gives a few bytes per
+        connection (a trickle, a reset each time) still runs out of retries."""
         while True:
             try:
                 return step()
@@ -235,17 +277,19 @@ class HTTPStream(io.RawIOBase):
                 raise
             except (_Retry, OSError, http.client.HTTPException) as e:
                 self._drop()
+                if self.pos - self._opened_at >= self.opts.chunk:
+                    self.tries = 0
                 why = e.why if isinstance(e, _Retry) else f"{type(e).__name__}: {e}"
                 self.failures.append(why)
-                if tries >= self.opts.retries:
+                if self.tries >= self.opts.retries:
                     raise FetchError(
-                        f"{redact(self.url)}: gave up after {tries + 1} attempts at byte {self.pos}"
+                        f"{redact(self.url)}: gave up after {self.tries + 1} attempts at byte {self.pos}"
                         f" of {self.length if self.length is not None else '?'}: {why}", reason="retries_exhausted"
                     ) from None
                 wait = e.wait if isinstance(e, _Retry) and e.wait is not None else None
                 if wait is None:
-                    wait = random.uniform(0, min(self.opts.max_backoff, self.opts.backoff * 2**tries))
-                tries += 1
+                    wait = random.uniform(0, min(self.opts.max_backoff, self.opts.backoff * 2**self.tries))
+                self.tries += 1
                 self.client.stats.retries += 1
                 self._wait(wait)
 
@@ -284,20 +328,21 @@ class HTTPStream(io.RawIOBase):
             try:
                 if self.resp is None:
                     self._open()
-                n = _read_once(self.resp, b[got:])
+                n = self._recv(self.resp, b[got:])
                 if not n:
                     if self.length is not None and self.pos < self.length:
                         raise _Retry(f"connection closed at byte {self.pos} of {self.length}")
                     self._finish()  # a body of unknown length ends with its connection's last byte
                     break
+                got += n
+                self.pos += n
+                self._check_speed()
             except (_Retry, OSError, http.client.HTTPException) as e:
                 if not got:
                     raise
                 self._drop()
                 self._pending = e  # the bytes already here go to the reader first
                 break
-            got += n
-            self.pos += n
         self.client.stats.bytes += got
         return got
 
