@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from servers import Fault, FaultPlan, Nginx, fault_server, no_sleep
+from servers import Fault, FaultPlan, Nginx, fault_server, no_sleep, self_signed
 from vlmstream.fetch import FetchError, FetchOptions, ShardCache, fetch, open_url, redact
 
 SIZE = 3_000_000
@@ -274,3 +274,60 @@ def test_workers_without_split_by_worker_is_an_error(blobs):
     stage.bind(Context(num_workers=2))
     with pytest.raises(ValueError, match="split_by_worker"):
         next(stage(iter([{"url": str(root / "s0.tar")}])))
+
+
+# ------------------------------------------------------------------------------------- refused, not retried
+
+
+BAD_URLS = ["http://../x.tar", "http://127.0.0.1:99999/x.tar", "http://[::1/x.tar", "http://127.0.0.1:1/a b.tar",
+            "http:///x.tar"]
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_url_that_cannot_be_a_request_is_a_bad_url_error_skipped_under_skip(prefetch):
+    import vlmstream as vs
+    from vlmstream.pipeline import Context
+
+    for url in BAD_URLS:
+        stage = fetch(prefetch=prefetch, options=opts())
+        with pytest.raises(FetchError, match="not a URL that can be requested") as e:
+            fetched(stage, [url])
+        assert e.value.reason == "bad_url" and stage.stats.requests == stage.stats.retries == 0, url
+    pipe = vs.Pipeline(vs.shards(BAD_URLS), vs.fetch(prefetch=prefetch, options=opts(), on_error="skip"),
+                       vs.tar_samples())
+    assert list(pipe.iterate(Context())) == []
+    stats = pipe.stages[1].stats
+    assert stats.skipped == {"bad_url": len(BAD_URLS)} and stats.retries == 0
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/x.tar", "pipe:cat /etc/passwd"])
+def test_a_redirect_to_another_scheme_is_refused_at_once(blobs, location):
+    root, _ = blobs
+    waits = []
+    plan = FaultPlan({("/s0.tar", n): Fault(redirect=location) for n in range(10)})
+    with fault_server(str(root), plan) as (url, plan):
+        stage = fetch(prefetch=0, options=FetchOptions(sleep=waits.append))
+        with pytest.raises(FetchError, match=r"s0.tar: redirect to a \w+ URL refused") as e:
+            fetched(stage, [f"{url}/s0.tar"])
+    assert e.value.reason == "redirect_refused" and len(plan.log) == 1 and waits == []
+    assert "passwd" not in str(e.value)
+
+
+def test_relative_redirects_resolve_against_the_url(blobs):
+    root, data = blobs
+    plan = FaultPlan({("/d/s0.tar", 0): Fault(redirect="../s1.tar?x=1")})
+    os.makedirs(root / "d", exist_ok=True)
+    (root / "d" / "s0.tar").write_bytes(b"")
+    with fault_server(str(root), plan) as (url, plan):
+        assert fetched(fetch(prefetch=0, options=opts()), [f"{url}/d/s0.tar"]) == [data["s1.tar"]]
+    assert [p for p, *_ in plan.log] == ["/d/s0.tar", "/s1.tar"]
+
+
+def test_a_certificate_that_is_not_trusted_fails_at_once(blobs, tmp_path):
+    root, _ = blobs
+    waits = []
+    with fault_server(str(root), tls=self_signed(str(tmp_path))) as (url, plan):
+        stage = fetch(prefetch=0, options=FetchOptions(sleep=waits.append))
+        with pytest.raises(FetchError, match="s0.tar: TLS certificate refused") as e:
+            fetched(stage, [f"{url}/s0.tar"])
+    assert e.value.reason == "bad_certificate" and waits == []

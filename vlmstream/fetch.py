@@ -17,12 +17,13 @@ import os
 import queue
 import random
 import re
+import ssl
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterator, Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 from .errors import ErrorCounts, Reasoned, check_policy, handle, redact
 from .pipeline import Context
@@ -35,8 +36,52 @@ class FetchError(Reasoned, IOError):
     """A shard could not be read; the message names the (redacted) URL and what happened.
 
     ``reason``: "retries_exhausted", "http_error" (a status that is not retried), "changed" (ETag), "bad_range",
-    "redirects", "not_found", "io_error", or "pipe_refused" (never skipped: a configuration error).
+    "redirects", "redirect_refused" (to a scheme other than http(s)), "bad_url" (cannot be a request),
+    "bad_response" (an answer http.client cannot read), "bad_certificate", "not_found", "io_error",
+    "cancelled" (its reader closed it while a retry waited), or "pipe_refused" (never skipped: a set-up error).
     """
+
+
+class _Retry(Exception):
+    """A failure worth another attempt: a status in RETRY_STATUS, a body that ended early, a stall."""
+
+    def __init__(self, why: str, wait: float | None = None):
+        super().__init__(why)
+        self.why, self.wait = why, wait
+
+
+# What is retried: network errors and timeouts (OSError), bodies cut short, garbled status lines, and the
+# above. Not retried: a URL or redirect that cannot be followed, a refused certificate, an HTTP status
+# outside RETRY_STATUS, an answer http.client cannot read, and programming errors.
+_RETRIED = (_Retry, OSError, http.client.IncompleteRead, http.client.BadStatusLine)
+_NOT_IN_URL = re.compile(r"[\x00-\x20\x7f]")  # what http.client refuses in a request line: controls and spaces
+
+
+def _check_url(url: str) -> SplitResult:
+    """The parts of an http(s) URL that can be requested; FetchError "bad_url" for one that cannot (a URL
+    that cannot be a request now will not be one after a retry)."""
+    why = None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    except ValueError as e:
+        parts, why = None, str(e)
+    if parts is None:
+        pass
+    elif parts.scheme not in ("http", "https"):
+        why = f"scheme {parts.scheme!r} is not http or https"
+    elif _NOT_IN_URL.search(url):
+        why = "a space or control character (percent-encode it)"
+    elif not parts.hostname:
+        why = "no host"
+    else:
+        try:
+            parts.hostname.encode("idna")  # what the socket layer will do with it
+        except UnicodeError:
+            why = "not a valid host name"
+    if why is not None:
+        raise FetchError(f"{redact(url)}: not a URL that can be requested: {why}", reason="bad_url")
+    return parts
 
 
 @dataclass
@@ -117,9 +162,10 @@ class HTTPClient:
         ``headers`` add to the options' for this request; Authorization is dropped once a redirect leaves the host.
         """
         headers = {**self.opts.headers, **(headers or {})}
-        origin = urlsplit(url).netloc
+        first = url
+        origin = _check_url(url).netloc
         for _ in range(10):
-            parts = urlsplit(url)
+            parts = _check_url(url)
             conn = self._conn(parts.scheme, parts.netloc)
             path = parts.path or "/"
             if parts.query:
@@ -139,17 +185,23 @@ class HTTPClient:
             if resp.status in REDIRECT_STATUS and resp.getheader("Location"):
                 resp.read()
                 self.release(parts.scheme, parts.netloc, conn)
-                location = resp.getheader("Location")
-                url = location if "://" in location else urlunsplit((parts.scheme, parts.netloc, location, "", ""))
+                url = self._redirect(first, url, resp.getheader("Location"))
                 continue
             return resp, conn, url
-        raise FetchError(f"{redact(url)}: too many redirects", reason="redirects")
+        raise FetchError(f"{redact(first)}: too many redirects", reason="redirects")
 
-
-class _Retry(Exception):
-    def __init__(self, why: str, wait: float | None = None):
-        super().__init__(why)
-        self.why, self.wait = why, wait
+    @staticmethod
+    def _redirect(first: str, url: str, location: str) -> str:
+        """Where a redirect from ``url`` goes, resolved as a browser would; only http(s) is followed."""
+        try:
+            target = urljoin(url, location.strip())
+            scheme = urlsplit(target).scheme
+        except ValueError:
+            raise FetchError(f"{redact(first)}: redirected to a URL that cannot be parsed", reason="bad_url") from None
+        if scheme not in ("http", "https"):
+            raise FetchError(f"{redact(first)}: redirect to a {scheme or 'schemeless'} URL refused (only http and https "
+                             "are followed)", reason="redirect_refused")
+        return target
 
 
 def _read_once(resp: http.client.HTTPResponse, b: memoryview) -> int:
@@ -275,7 +327,11 @@ class HTTPStream(io.RawIOBase):
             except FetchError:
                 self._drop()
                 raise
-            except (_Retry, OSError, http.client.HTTPException) as e:
+            except ssl.SSLCertVerificationError as e:  # an OSError, but no retry will change the certificate
+                self._drop()
+                raise FetchError(f"{redact(self.url)}: TLS certificate refused: {e.verify_message}",
+                                 reason="bad_certificate") from None
+            except _RETRIED as e:
                 self._drop()
                 if self.pos - self._opened_at >= self.opts.chunk:
                     self.tries = 0
@@ -292,6 +348,13 @@ class HTTPStream(io.RawIOBase):
                 self.tries += 1
                 self.client.stats.retries += 1
                 self._wait(wait)
+            except http.client.ImproperConnectionState:  # a programming error: raised as it is
+                self._drop()
+                raise
+            except http.client.HTTPException as e:
+                self._drop()
+                raise FetchError(f"{redact(self.url)}: an answer http.client cannot read as HTTP/1.x: "
+                                 f"{type(e).__name__}", reason="bad_response") from None
 
     def _wait(self, seconds: float) -> None:
         """Wait before a retry; a stream whose reader is gone (``cancel`` set) stops waiting, and retrying."""
@@ -337,7 +400,7 @@ class HTTPStream(io.RawIOBase):
                 got += n
                 self.pos += n
                 self._check_speed()
-            except (_Retry, OSError, http.client.HTTPException) as e:
+            except _RETRIED as e:
                 if not got:
                     raise
                 self._drop()
