@@ -331,3 +331,30 @@ def test_a_certificate_that_is_not_trusted_fails_at_once(blobs, tmp_path):
         with pytest.raises(FetchError, match="s0.tar: TLS certificate refused") as e:
             fetched(stage, [f"{url}/s0.tar"])
     assert e.value.reason == "bad_certificate" and waits == []
+
+
+# ------------------------------------------------------------------------------------- credentials stay home
+
+
+def test_headers_go_to_the_shard_urls_origin_only(blobs):
+    root, data = blobs
+    secret = {"Authorization": "Bearer s3cret", "X-Api-Key": "k3y"}
+    with fault_server(str(root)) as (other, other_plan):
+        plan = FaultPlan({("/s0.tar", 0): Fault(redirect=f"{other}/s0.tar"), ("/s1.tar", 0): Fault(redirect="/s2.tar")})
+        with fault_server(str(root), plan) as (url, plan):
+            stage = fetch(prefetch=0, headers=secret, options=opts())
+            assert fetched(stage, [f"{url}/s0.tar", f"{url}/s1.tar"]) == [data["s0.tar"], data["s2.tar"]]
+    sent = [(path, {k: h.get(k) for k in secret}) for path, _, h in plan.seen]
+    assert sent == [("/s0.tar", secret), ("/s1.tar", secret), ("/s2.tar", secret)]  # its own origin: all of them
+    assert [(path, [k for k in secret if k in h]) for path, _, h in other_plan.seen] == [("/s0.tar", [])]
+
+
+def test_an_https_to_http_redirect_on_the_same_host_and_port_sends_no_credentials(blobs, tmp_path, monkeypatch):
+    root, data = blobs
+    cert, key = self_signed(str(tmp_path))
+    monkeypatch.setenv("SSL_CERT_FILE", cert)  # trusted by the default context http.client makes
+    with fault_server(str(root), tls=(cert, key)) as (url, plan):
+        plan.faults[("/s0.tar", 0)] = Fault(redirect=url.replace("https://", "http://") + "/s0.tar")
+        stage = fetch(prefetch=0, headers={"Authorization": "Bearer s3cret"}, options=opts())
+        assert fetched(stage, [f"{url}/s0.tar"]) == [data["s0.tar"]]
+    assert [(tls, h.get("Authorization")) for _, tls, h in plan.seen] == [(True, "Bearer s3cret"), (False, None)]

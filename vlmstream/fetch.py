@@ -131,6 +131,11 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, when.timestamp() - time.time()) if when else None
 
 
+def _origin(parts: SplitResult) -> tuple[str, str, int]:
+    """(scheme, host, port): what a credential is given for; http and https of one host are two origins."""
+    return parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
 class HTTPClient:
     """Keep-alive connections by host, shared by the streams of one fetch stage (one per thread)."""
 
@@ -159,18 +164,19 @@ class HTTPClient:
                 ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection, str]:
         """GET url (from byte `start`), following redirects; one attempt, errors raised as they come.
 
-        ``headers`` add to the options' for this request; Authorization is dropped once a redirect leaves the host.
+        ``headers`` add to the options' for this request. All of them (credentials, as far as we know) go to
+        url's own origin only: a redirect to another scheme, host or port, https -> http included, gets none.
         """
         headers = {**self.opts.headers, **(headers or {})}
         first = url
-        origin = _check_url(url).netloc
+        origin = _origin(_check_url(url))
         for _ in range(10):
             parts = _check_url(url)
             conn = self._conn(parts.scheme, parts.netloc)
             path = parts.path or "/"
             if parts.query:
                 path += "?" + parts.query
-            h = {k: v for k, v in headers.items() if parts.netloc == origin or k.lower() != "authorization"}
+            h = dict(headers) if _origin(parts) == origin else {}
             if start:
                 h["Range"] = f"bytes={start}-"
             self.stats.requests += 1
