@@ -358,3 +358,19 @@ def test_an_https_to_http_redirect_on_the_same_host_and_port_sends_no_credential
         stage = fetch(prefetch=0, headers={"Authorization": "Bearer s3cret"}, options=opts())
         assert fetched(stage, [f"{url}/s0.tar"]) == [data["s0.tar"]]
     assert [(tls, h.get("Authorization")) for _, tls, h in plan.seen] == [(True, "Bearer s3cret"), (False, None)]
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_header_values_are_stripped_and_bad_ones_refused_where_the_stage_is_built(blobs, prefetch):
+    root, data = blobs
+    with fault_server(str(root)) as (url, plan):
+        stage = fetch(prefetch=prefetch, headers={"Authorization": "Bearer abc\n"}, on_error="skip", options=opts())
+        assert fetched(stage, [f"{url}/s0.tar"]) == [data["s0.tar"]]  # a token read from a file, newline and all
+    assert plan.seen[0][2]["Authorization"] == "Bearer abc"
+    for headers in ({"Authorization": "Bearer s3cr\net"}, {"Authorization": "Bearer s3cr\r\nX-Evil: 1"},
+                    {"X-Key": "s3cr\x00et"}, {"X-Key": "s3cr\u20acet"}, {"Bad Name: s3cret": "x"}):
+        for make in (lambda: fetch(headers=headers, on_error="skip"),
+                     lambda: fetch(options=FetchOptions(headers=headers), on_error="skip")):
+            with pytest.raises(ValueError, match="fetch headers: .*not shown") as e:
+                make()
+            assert "s3cr" not in str(e.value), headers

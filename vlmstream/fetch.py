@@ -100,7 +100,7 @@ class FetchOptions:
     retries: int = 8  # attempts after the first, per shard
     backoff: float = 0.5  # seconds, doubled each retry, with full jitter
     max_backoff: float = 30.0
-    headers: Mapping[str, str] = field(default_factory=dict)  # e.g. {"Authorization": "Bearer ..."}
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # e.g. {"Authorization": "Bearer ..."}
     chunk: int = 1 << 20
     sleep: Callable[[float], None] | None = None  # the wait before a retry (None: a wait that a closed stream ends)
 
@@ -131,6 +131,32 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, when.timestamp() - time.time()) if when else None
 
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP field name (RFC 9110 "token")
+_HEADER_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # controls (a line break) in a value; tab is allowed
+
+
+def clean_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Headers fit to send: values stripped of surrounding whitespace (a token read from a file keeps its
+    newline), names and values checked. The ValueError for a bad one never holds the value: it is a secret."""
+    out = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise ValueError("fetch headers: a header name is not a valid HTTP field name (letters, digits and "
+                             "!#$%&'*+-.^_`|~ only; the name is not shown)")
+        value = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+        value = value.strip()
+        if _HEADER_BAD.search(value):
+            raise ValueError(f"fetch headers: the value of {name!r} holds a line break or another control "
+                             "character (the value is not shown)")
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"fetch headers: the value of {name!r} holds a character HTTP cannot send (not "
+                             "Latin-1; the value is not shown)") from None
+        out[name] = value
+    return out
+
+
 def _origin(parts: SplitResult) -> tuple[str, str, int]:
     """(scheme, host, port): what a credential is given for; http and https of one host are two origins."""
     return parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
@@ -141,6 +167,7 @@ class HTTPClient:
 
     def __init__(self, opts: FetchOptions, stats: FetchStats):
         self.opts, self.stats = opts, stats
+        self.headers = clean_headers(opts.headers)
         self._idle: dict[tuple[str, str], http.client.HTTPConnection] = {}
         self._lock = threading.Lock()
 
@@ -167,7 +194,7 @@ class HTTPClient:
         ``headers`` add to the options' for this request. All of them (credentials, as far as we know) go to
         url's own origin only: a redirect to another scheme, host or port, https -> http included, gets none.
         """
-        headers = {**self.opts.headers, **(headers or {})}
+        headers = {**self.headers, **clean_headers(headers or {})}
         first = url
         origin = _origin(_check_url(url))
         for _ in range(10):
@@ -453,7 +480,7 @@ def open_url(url: str, *, client: HTTPClient | None = None, allow_pipe: bool = F
     try:
         f = open(path, "rb", buffering=buffer_size)
     except OSError as e:
-        raise FetchError(f"{path}: {e.strerror}", reason="not_found" if isinstance(e, FileNotFoundError) else "io_error"
+        raise FetchError(f"{redact(path)}: {e.strerror}", reason="not_found" if isinstance(e, FileNotFoundError) else "io_error"
                          ) from None
     if start:
         f.seek(start)
@@ -718,8 +745,9 @@ class fetch:
                  hf_token: str | bool | None = None, options: FetchOptions | None = None, on_error: str = "raise"):
         self.on_error = check_policy(on_error)
         self.opts = options or FetchOptions()
-        if headers:
-            self.opts = FetchOptions(**{**self.opts.__dict__, "headers": {**self.opts.headers, **headers}})
+        # checked here, where the pipeline is built, rather than at the first request
+        self.opts = FetchOptions(**{**self.opts.__dict__, "headers": clean_headers({**self.opts.headers,
+                                                                                   **(headers or {})})})
         self.prefetch, self.prefetch_bytes = prefetch, prefetch_bytes
         self.cache = ShardCache(cache, cache_bytes) if cache else None
         self.allow_pipe, self.hf_token = allow_pipe, hf_token

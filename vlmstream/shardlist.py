@@ -24,7 +24,7 @@ from urllib.parse import SplitResult, quote, unquote, urljoin, urlsplit
 
 import braceexpand
 
-from .errors import redact
+from .errors import redact, redact_spec
 from .format import FormatError, parse_manifest
 from .pipeline import Context
 from .split import epoch_order
@@ -233,11 +233,6 @@ def resolve(spec: str | Sequence[str], *, opener=None, hf_token: str | bool | No
     return [ShardSpec(u) for u in urls]
 
 
-def _shown(spec: str | Sequence[str]) -> str | list[str]:
-    """A spec as errors and reports show it: its URLs redacted."""
-    return redact(spec) if isinstance(spec, str) else [redact(s) for s in spec]
-
-
 def cached_resolve(spec: str | Sequence[str], cache_dir: str, ttl: float, **kwargs: Any) -> list[ShardSpec]:
     """Resolve through an on-disk cache shared by the processes of one machine.
 
@@ -293,7 +288,7 @@ class shards:
         else:
             self.specs = resolve(spec, hf_token=hf_token, allowed_hosts=allowed_hosts)
         if not self.specs:
-            raise ValueError(f"no shards found for {_shown(spec)!r}")
+            raise ValueError(f"no shards found for {redact_spec(spec)!r}")
         self.shuffle, self.seed, self.resample = shuffle, seed, resample
         self.ctx = Context()
 

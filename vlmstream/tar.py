@@ -457,7 +457,9 @@ def group_samples(members: Iterable[tuple[str, bytes, int]], url: str, base_offs
 
 def read_tar_samples(stream: Readable, url: str, *, max_member_bytes: int | None = None, base_offset: int = 0,
                      first_index: int = 0) -> Iterator[Sample]:
-    """The samples of one shard read from ``stream`` (left open: the caller owns it)."""
+    """The samples of one shard read from ``stream`` (left open: the caller owns it); ``url`` is shown redacted
+    in errors and in each sample's ``__url__``."""
+    url = redact(url)
     members = iter_members(stream, url, max_member_bytes=max_member_bytes)
     return group_samples(members, url, base_offset, first_index)
 
