@@ -1,10 +1,12 @@
 """`vs.fetch()`: open shards from local files, http(s) and hf:// as streams, surviving a flaky network.
 
 HTTP goes through the standard library's http.client (no curl subprocess): one keep-alive connection per
-host, connect and read timeouts, retries with exponential backoff and jitter, ``Retry-After`` honoured,
-and a transfer that breaks is resumed with a Range request from the byte where it broke, so a reader
-downstream sees every byte exactly once. A background thread can read the next shards ahead, bounded in
-bytes, and a local cache folder can keep shards between epochs.
+host, connect and read timeouts and a low-speed limit, retries with exponential backoff and jitter for what
+another attempt can fix (network errors, timeouts, stalls, 408/425/429/5xx; ``Retry-After`` honoured), and a
+transfer that breaks is resumed with a Range request from the byte where it broke, so a reader downstream
+sees every byte exactly once. A background thread can read the next shards ahead, bounded in bytes, and a
+local cache folder can keep shards between epochs. docs/ERRORS.md states what is retried, refused and
+redacted.
 """
 
 from __future__ import annotations
@@ -732,8 +734,9 @@ class fetch:
 
     ``prefetch``: shards read ahead in a background thread (0: none), holding at most ``prefetch_bytes``.
     ``cache``: a folder keeping whole shards for later epochs, bounded by ``cache_bytes`` (LRU).
-    ``headers``: sent with every HTTP request (auth); the HF token is taken from huggingface_hub's usual
-    places for hf:// URLs. Neither ever appears in errors, stats or state.
+    ``headers``: sent with each HTTP request to the shard URL's own origin (auth; never after a redirect to
+    another scheme, host or port), stripped and checked here; the HF token is taken from huggingface_hub's
+    usual places for hf:// URLs. Neither ever appears in errors, stats or state.
     ``on_error``: a shard that cannot be read (retries exhausted, HTTP 404, ...) raises ``FetchError``
     ("raise"), or is skipped and counted in ``stats`` with the samples lost ("skip"; "warn" also logs). The
     reader downstream (`tar_samples`) reports how far it got, so samples already delivered stay delivered
