@@ -99,7 +99,7 @@ class FetchOptions:
     read_timeout: float = 60.0
     low_speed_limit: int = 1024  # bytes/s
     low_speed_time: float = 60.0  # seconds
-    retries: int = 8  # attempts after the first, per shard
+    retries: int = 8  # failed attempts in a row of one shard that are tried again (see HTTPStream._attempt)
     backoff: float = 0.5  # seconds, doubled each retry, with full jitter
     max_backoff: float = 30.0
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # e.g. {"Authorization": "Bearer ..."}
@@ -326,17 +326,10 @@ class HTTPStream(io.RawIOBase):
         if status == 200:
             if self.length is None and resp.length is not None:
                 self.length = resp.length
-            skip = self.pos  # the server ignored Range: read up to where we were and throw it away
-            scratch = memoryview(bytearray(min(skip, self.opts.chunk)))
-            while skip:
-                n = self._recv(resp, scratch[:min(skip, len(scratch))])
-                if not n:
-                    conn.close()
-                    raise _Retry("body ended before the resume point (server ignores Range)")
-                skip -= n
+            if self.pos:  # the server ignored Range: read up to where we were and throw it away
                 try:
-                    self._check_speed()
-                except _Retry:
+                    self._skip(resp, self.pos)
+                except BaseException:
                     conn.close()
                     raise
         else:
@@ -351,6 +344,15 @@ class HTTPStream(io.RawIOBase):
             self.client.stats.resumed += 1
         parts = urlsplit(final)
         self.resp, self.conn, self.where = resp, conn, (parts.scheme, parts.netloc)
+
+    def _skip(self, resp: http.client.HTTPResponse, n: int) -> None:
+        scratch = memoryview(bytearray(min(n, self.opts.chunk)))
+        while n:
+            got = self._recv(resp, scratch[:min(n, len(scratch))])
+            if not got:
+                raise _Retry("body ended before the resume point (server ignores Range)")
+            n -= got
+            self._check_speed()
 
     def _attempt(self, step: Callable[[], Any]) -> Any:
         """step(), retried by the policy. ``self.tries`` counts the failed attempts in a row; it starts again
