@@ -410,3 +410,48 @@ def test_samples_carry_the_redacted_url(tmp_path):
         samples = list(vs.Pipeline(vs.shards([u]), vs.fetch(), vs.tar_samples()).iterate(Context()))
     assert len(samples) == PER_SHARD and {s["__url__"] for s in samples} == {u.replace("bob:pw@", "").replace(
         "token=t0k", "token=***")}
+
+
+SIGNED = {"X-Goog-Algorithm": "GOOG4-RSA-SHA256", "X-Goog-Credential": "gcred_S3CRET%2F20240101",
+          "X-Goog-Signature": "gsig_S3CRET", "X-Amz-Credential": "acred_S3CRET", "X-Amz-Signature": "asig_S3CRET",
+          "X-Amz-Security-Token": "atok_S3CRET", "api_key": "apikey_S3CRET", "sig": "sas_S3CRET",
+          "client_secret": "cs_S3CRET", "password": "pw_S3CRET"}
+
+
+def test_secrets_in_signed_urls_never_reach_samples_errors_logs_stats_state_or_reports(tmp_path, caplog):
+    """Signed URLs (GCS, S3, Azure SAS) and API keys in query strings: every value redacted wherever a URL shows."""
+    from vlmstream.inspection import inspect_shards
+
+    dataset(tmp_path, middle_with(middle_sample("0.jpg", b"not an image")))
+    query = "&".join(f"{k}={v}" for k, v in SIGNED.items()) + "&x=1"
+    with fault_server(str(tmp_path)) as (url, plan):
+        good = [f"{url}/shard-{s:06d}.tar?{query}" for s in range(3)]
+        missing = f"{url}/gone.tar?{query}"
+
+        def make(urls, policy="warn"):
+            pipe = vs.Pipeline(vs.shards(urls, shuffle=False), vs.split_by_node(), vs.split_by_worker(),
+                               vs.fetch(prefetch=2, on_error=policy), vs.tar_samples(), vs.shuffle(8, initial=4),
+                               vs.decode("uint8", on_error=policy), vs.batch(4), rank=0, world_size=1)
+            return vs.Loader(pipe, num_workers=0)
+
+        with caplog.at_level(logging.WARNING, "vlmstream"):
+            loader = make(good + [missing])  # a bad image (decode) and a missing shard (fetch), both warned
+            it = iter(loader)
+            batches = [next(it) for _ in range(3)]
+            state = json.dumps(loader.state_dict())
+            batches += list(it)
+        stats = json.dumps(loader.stats().as_dict(), default=str)
+        with pytest.raises(vs.FetchError) as failed:  # the same missing shard, under "raise"
+            list(make([missing], "raise"))
+        report = json.dumps(inspect_shards(good + [missing]).as_dict(), default=str)
+    urls = {u for b in batches for u in b["__url__"]}
+    assert len(urls) == 3 and sum(len(b["__key__"]) for b in batches) == 3 * PER_SHARD - 1
+    assert all("X-Goog-Signature=***" in u and "x=1" in u for u in urls)
+    assert "X-Goog-Signature=***" in state  # the shuffle buffer's samples, by reference
+    logs = "\n".join(warned(caplog))
+    assert "gone.tar" in logs and "shard-000001.tar" in logs and "gone.tar" in str(failed.value)
+    texts = {"samples": repr(urls), "state": state, "stats": stats, "logs": logs, "error": str(failed.value),
+             "inspect": report}
+    for where, text in texts.items():
+        leaked = [v for v in SIGNED.values() if "S3CRET" in v and v.split("%")[0] in text]
+        assert not leaked, (where, leaked)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -184,6 +185,35 @@ def test_skip_with_read_ahead_counts_what_the_read_ahead_lost(corpus):
     assert stats.skipped == {"retries_exhausted": 2}
     assert len(got) + stats.samples_lost == total  # nothing silently dropped
     assert not got & set(keys[dead])
+
+
+def test_read_ahead_delivers_every_sample_it_received_before_the_transfer_broke(corpus):
+    """Bytes the read-ahead thread holds reach the reader before the error: as many samples as without it."""
+    root, sizes, keys = corpus
+    dead, broken, faults = midbody_failure(sizes)
+    delivered = {}
+    for prefetch in (0, 2):
+        with fault_server(str(root), FaultPlan(dict(faults))) as (url, plan):
+            samples = run_epoch(make_pipe(url, [], on_error="skip", prefetch=prefetch, retries=3))
+        delivered[prefetch] = [s["__key__"] for s in samples if s["__key__"] in set(keys[broken])]
+    assert len(delivered[0]) > 0 and delivered[2] == delivered[0] == keys[broken][: len(delivered[0])]
+
+
+def test_a_body_shorter_than_its_content_length_for_good_still_delivers_the_whole_shard(corpus):
+    """Every response claims 4 KiB more than the file: the tar ends before the missing bytes, so every sample
+    arrives; the reader is done with the shard, so the retries nobody needs stop at once (real backoff here)."""
+    root, sizes, keys = corpus
+    paths = sorted(sizes)[:2]
+    plan = FaultPlan({(paths[0], n): Fault(overclaim=4096) for n in range(20)})
+    with fault_server(str(root), plan) as (url, plan):
+        for prefetch in (2, 0):
+            t0 = time.monotonic()
+            pipe = vs.Pipeline(vs.shards([f"{url}{p}" for p in paths], shuffle=False),
+                               vs.fetch(prefetch=prefetch, on_error="skip"), vs.tar_samples())
+            got = [s["__key__"] for s in pipe.iterate(Context())]
+            assert got == keys[paths[0]] + keys[paths[1]], prefetch
+            assert time.monotonic() - t0 < 3, prefetch
+            assert pipe.stages[1].stats.skipped == {}
 
 
 def test_a_missing_shard_under_skip_is_reported_not_found(corpus, tmp_path):

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from servers import Fault, FaultPlan, Nginx, fault_server, no_sleep
+from servers import Fault, FaultPlan, Nginx, fault_server, no_sleep, self_signed
 from vlmstream.fetch import FetchError, FetchOptions, ShardCache, fetch, open_url, redact
 
 SIZE = 3_000_000
@@ -100,6 +100,49 @@ def test_stall_longer_than_read_timeout_is_retried(blobs):
         stage = fetch(prefetch=0, options=opts(read_timeout=0.3))
         assert fetched(stage, [f"{url}/s0.tar"]) == [data["s0.tar"]]
     assert stage.stats.retries == 1
+
+
+def within(seconds, fn):
+    """fn() run in a thread, failing the test if it takes longer (a hang must not hang the suite)."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # handed to the test
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still running after {seconds} s"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_a_server_that_trickles_is_a_stall_resumed_by_range(blobs):
+    """One byte every 20 ms never trips the per-recv read timeout; the low-speed limit catches it."""
+    root, data = blobs
+    plan = FaultPlan({("/s0.tar", 0): Fault(drip=0.02)})
+    with fault_server(str(root), plan) as (url, plan):
+        stage = fetch(prefetch=0, options=opts(read_timeout=0.5, low_speed_limit=1000, low_speed_time=0.3))
+        assert within(5, lambda: fetched(stage, [f"{url}/s0.tar"])) == [data["s0.tar"]]
+    assert [status for *_, status in plan.log] == [200, 206] and plan.log[1][1] > 0
+    assert stage.stats.stalls == 1 and stage.stats.retries == 1 and stage.stats.resumed == 1
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_server_that_always_trickles_is_given_up_naming_the_stall(blobs, prefetch):
+    root, _ = blobs
+    plan = FaultPlan({("/s1.tar", n): Fault(drip=0.02) for n in range(3)})
+    with fault_server(str(root), plan) as (url, plan):
+        stage = fetch(prefetch=prefetch, options=opts(read_timeout=0.5, retries=2, low_speed_limit=1000,
+                                                      low_speed_time=0.3))
+        with pytest.raises(FetchError, match=r"s1.tar: gave up after 3 attempts .*stalled: .* under low_speed_limit="
+                                             r"1000 bytes/s") as e:
+            within(5, lambda: fetched(stage, [f"{url}/s1.tar"]))
+    assert e.value.reason == "retries_exhausted" and stage.stats.stalls == 3
 
 
 def test_short_body_and_server_ignoring_range(blobs):
@@ -231,3 +274,103 @@ def test_workers_without_split_by_worker_is_an_error(blobs):
     stage.bind(Context(num_workers=2))
     with pytest.raises(ValueError, match="split_by_worker"):
         next(stage(iter([{"url": str(root / "s0.tar")}])))
+
+
+# ------------------------------------------------------------------------------------- refused, not retried
+
+
+BAD_URLS = ["http://../x.tar", "http://127.0.0.1:99999/x.tar", "http://[::1/x.tar", "http://127.0.0.1:1/a b.tar",
+            "http:///x.tar"]
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_url_that_cannot_be_a_request_is_a_bad_url_error_skipped_under_skip(prefetch):
+    import vlmstream as vs
+    from vlmstream.pipeline import Context
+
+    for url in BAD_URLS:
+        stage = fetch(prefetch=prefetch, options=opts())
+        with pytest.raises(FetchError, match="not a URL that can be requested") as e:
+            fetched(stage, [url])
+        assert e.value.reason == "bad_url" and stage.stats.requests == stage.stats.retries == 0, url
+    pipe = vs.Pipeline(vs.shards(BAD_URLS), vs.fetch(prefetch=prefetch, options=opts(), on_error="skip"),
+                       vs.tar_samples())
+    assert list(pipe.iterate(Context())) == []
+    stats = pipe.stages[1].stats
+    assert stats.skipped == {"bad_url": len(BAD_URLS)} and stats.retries == 0
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/x.tar", "pipe:cat /etc/passwd"])
+def test_a_redirect_to_another_scheme_is_refused_at_once(blobs, location):
+    root, _ = blobs
+    waits = []
+    plan = FaultPlan({("/s0.tar", n): Fault(redirect=location) for n in range(10)})
+    with fault_server(str(root), plan) as (url, plan):
+        stage = fetch(prefetch=0, options=FetchOptions(sleep=waits.append))
+        with pytest.raises(FetchError, match=r"s0.tar: redirect to a \w+ URL refused") as e:
+            fetched(stage, [f"{url}/s0.tar"])
+    assert e.value.reason == "redirect_refused" and len(plan.log) == 1 and waits == []
+    assert "passwd" not in str(e.value)
+
+
+def test_relative_redirects_resolve_against_the_url(blobs):
+    root, data = blobs
+    plan = FaultPlan({("/d/s0.tar", 0): Fault(redirect="../s1.tar?x=1")})
+    os.makedirs(root / "d", exist_ok=True)
+    (root / "d" / "s0.tar").write_bytes(b"")
+    with fault_server(str(root), plan) as (url, plan):
+        assert fetched(fetch(prefetch=0, options=opts()), [f"{url}/d/s0.tar"]) == [data["s1.tar"]]
+    assert [p for p, *_ in plan.log] == ["/d/s0.tar", "/s1.tar"]
+
+
+def test_a_certificate_that_is_not_trusted_fails_at_once(blobs, tmp_path):
+    root, _ = blobs
+    waits = []
+    with fault_server(str(root), tls=self_signed(str(tmp_path))) as (url, plan):
+        stage = fetch(prefetch=0, options=FetchOptions(sleep=waits.append))
+        with pytest.raises(FetchError, match="s0.tar: TLS certificate refused") as e:
+            fetched(stage, [f"{url}/s0.tar"])
+    assert e.value.reason == "bad_certificate" and waits == []
+
+
+# ------------------------------------------------------------------------------------- credentials stay home
+
+
+def test_headers_go_to_the_shard_urls_origin_only(blobs):
+    root, data = blobs
+    secret = {"Authorization": "Bearer s3cret", "X-Api-Key": "k3y"}
+    with fault_server(str(root)) as (other, other_plan):
+        plan = FaultPlan({("/s0.tar", 0): Fault(redirect=f"{other}/s0.tar"), ("/s1.tar", 0): Fault(redirect="/s2.tar")})
+        with fault_server(str(root), plan) as (url, plan):
+            stage = fetch(prefetch=0, headers=secret, options=opts())
+            assert fetched(stage, [f"{url}/s0.tar", f"{url}/s1.tar"]) == [data["s0.tar"], data["s2.tar"]]
+    sent = [(path, {k: h.get(k) for k in secret}) for path, _, h in plan.seen]
+    assert sent == [("/s0.tar", secret), ("/s1.tar", secret), ("/s2.tar", secret)]  # its own origin: all of them
+    assert [(path, [k for k in secret if k in h]) for path, _, h in other_plan.seen] == [("/s0.tar", [])]
+
+
+def test_an_https_to_http_redirect_on_the_same_host_and_port_sends_no_credentials(blobs, tmp_path, monkeypatch):
+    root, data = blobs
+    cert, key = self_signed(str(tmp_path))
+    monkeypatch.setenv("SSL_CERT_FILE", cert)  # trusted by the default context http.client makes
+    with fault_server(str(root), tls=(cert, key)) as (url, plan):
+        plan.faults[("/s0.tar", 0)] = Fault(redirect=url.replace("https://", "http://") + "/s0.tar")
+        stage = fetch(prefetch=0, headers={"Authorization": "Bearer s3cret"}, options=opts())
+        assert fetched(stage, [f"{url}/s0.tar"]) == [data["s0.tar"]]
+    assert [(tls, h.get("Authorization")) for _, tls, h in plan.seen] == [(True, "Bearer s3cret"), (False, None)]
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_header_values_are_stripped_and_bad_ones_refused_where_the_stage_is_built(blobs, prefetch):
+    root, data = blobs
+    with fault_server(str(root)) as (url, plan):
+        stage = fetch(prefetch=prefetch, headers={"Authorization": "Bearer abc\n"}, on_error="skip", options=opts())
+        assert fetched(stage, [f"{url}/s0.tar"]) == [data["s0.tar"]]  # a token read from a file, newline and all
+    assert plan.seen[0][2]["Authorization"] == "Bearer abc"
+    for headers in ({"Authorization": "Bearer s3cr\net"}, {"Authorization": "Bearer s3cr\r\nX-Evil: 1"},
+                    {"X-Key": "s3cr\x00et"}, {"X-Key": "s3cr\u20acet"}, {"Bad Name: s3cret": "x"}):
+        for make in (lambda: fetch(headers=headers, on_error="skip"),
+                     lambda: fetch(options=FetchOptions(headers=headers), on_error="skip")):
+            with pytest.raises(ValueError, match="fetch headers: .*not shown") as e:
+                make()
+            assert "s3cr" not in str(e.value), headers

@@ -7,10 +7,10 @@ import os
 import pytest
 
 import vlmstream as vs
-from servers import Nginx
-from vlmstream.format import FormatError, ShardInfo, write_manifest
+from servers import Nginx, fault_server
+from vlmstream.format import FormatError, ShardInfo, manifest_json, write_manifest
 from vlmstream.pipeline import Context
-from vlmstream.shardlist import resolve
+from vlmstream.shardlist import _from_manifest, resolve
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,83 @@ def test_the_list_travels_with_the_pipeline_into_workers(folder, monkeypatch):
     monkeypatch.setattr("vlmstream.shardlist.resolve", lambda *a, **k: pytest.fail("workers must not list again"))
     copy = pickle.loads(pickle.dumps(src))
     assert [s.url for s in copy.specs] == [s.url for s in src.specs]
+
+
+# ------------------------------------------------------------------------------- what a manifest may name
+
+
+def manifest_bytes(*urls: str) -> bytes:
+    return json.dumps(manifest_json([ShardInfo(u, 1, 1, "0" * 64) for u in urls])).encode()
+
+
+REMOTE = "http://127.0.0.1:8000/ds/index.json"
+SHA = "a" * 40
+
+
+@pytest.mark.parametrize("entry", [
+    "//127.0.0.1:9000/x.tar",  # another port is another origin
+    "http://127.0.0.1:9000/x.tar?token=SECRET",
+    "https://127.0.0.1:8000/x.tar",  # another scheme is another origin
+    "http://localhost:8000/x.tar",
+    "file:///etc/passwd",
+    "pipe:cat /etc/passwd",
+    "hf://datasets/org/other/x.tar",
+    "localhost:8000/x.tar",  # a URL of scheme "localhost", as urljoin reads it
+    "http://[::1/x.tar",
+])
+def test_a_remote_manifest_may_not_name_shards_off_its_origin(entry):
+    with pytest.raises(FormatError, match=r"index.json: shard entry .* resolves outside the manifest's origin "
+                                          r"\(http://127.0.0.1:8000\)") as e:
+        _from_manifest(REMOTE, manifest_bytes("shard-0.tar", entry))
+    assert "SECRET" not in str(e.value) and e.value.reason == "outside_origin"
+
+
+def test_a_remote_manifest_resolves_its_entries_as_urls_on_its_own_origin():
+    entries = ["shard-0.tar", "../../127.0.0.1:9000/x.tar", "/abs/path/x.tar", "sub/../y.tar?v=1",
+               "http://127.0.0.1:8000/z.tar", "http://127.0.0.1:80/other-port.tar"]
+    urls = [s.url for s in _from_manifest(REMOTE, manifest_bytes(*entries[:5]))]
+    assert urls == ["http://127.0.0.1:8000/ds/shard-0.tar", "http://127.0.0.1:8000/127.0.0.1:9000/x.tar",
+                    "http://127.0.0.1:8000/abs/path/x.tar", "http://127.0.0.1:8000/ds/y.tar?v=1",
+                    "http://127.0.0.1:8000/z.tar"]
+    with pytest.raises(FormatError, match="other-port.tar"):
+        _from_manifest(REMOTE, manifest_bytes(entries[-1]))
+
+
+def test_hosts_the_user_allows_by_name():
+    data = manifest_bytes("http://127.0.0.1:9000/a.tar", "https://cdn.example.com/b.tar")
+    for allowed in (["127.0.0.1:9000", "cdn.example.com"], ["127.0.0.1", "https://cdn.example.com"]):
+        assert [s.url for s in _from_manifest(REMOTE, data, allowed)] == ["http://127.0.0.1:9000/a.tar",
+                                                                          "https://cdn.example.com/b.tar"]
+    for allowed in (["127.0.0.1:9001", "cdn.example.com"], ["127.0.0.1", "http://cdn.example.com"], []):
+        with pytest.raises(FormatError, match="allowed_hosts"):
+            _from_manifest(REMOTE, data, allowed)
+    with pytest.raises(FormatError):  # never a local file, whatever is allowed
+        _from_manifest(REMOTE, manifest_bytes("file:///etc/passwd"), ["127.0.0.1", ""])
+
+
+def test_an_hf_manifest_names_files_of_its_own_repo_at_its_commit():
+    base = f"hf://datasets/org/ds@{SHA}/sub/index.json"
+    got = [s.url for s in _from_manifest(base, manifest_bytes("a.tar", "../b.tar", "/c.tar"))]
+    assert got == [f"hf://datasets/org/ds@{SHA}/sub/a.tar", f"hf://datasets/org/ds@{SHA}/b.tar",
+                   f"hf://datasets/org/ds@{SHA}/c.tar"]
+    for entry in ("../../x.tar", "../../../other/ds/x.tar", "hf://datasets/org/other/x.tar", "hf://datasets/org/ds/x.tar",
+                  "http://127.0.0.1:8000/x.tar", "file:///etc/passwd"):
+        with pytest.raises(FormatError, match="outside the manifest's origin"):
+            _from_manifest(base, manifest_bytes(entry))
+
+
+def test_a_local_manifest_is_the_users_own_absolute_paths_and_urls_kept(tmp_path):
+    (tmp_path / "index.json").write_bytes(manifest_bytes("a.tar", "/data/b.tar", "http://127.0.0.1:9000/c.tar"))
+    assert [s.url for s in resolve(str(tmp_path / "index.json"))] == [str(tmp_path / "a.tar"), "/data/b.tar",
+                                                                      "http://127.0.0.1:9000/c.tar"]
+
+
+def test_a_hostile_manifest_over_http_is_refused_when_the_list_is_built(folder, tmp_path):
+    (tmp_path / "index.json").write_bytes(manifest_bytes("shard-0.tar", "../../127.0.0.1:1/x.tar", "/etc/passwd",
+                                                         "//127.0.0.1:1/y.tar?sig=SECRET"))
+    with fault_server(str(tmp_path)) as (url, plan):
+        with pytest.raises(FormatError, match=r"index.json: shard entry '//127.0.0.1:1/y.tar\?sig=\*\*\*' resolves "):
+            vs.shards(f"{url}/index.json")
+        src = vs.shards(f"{url}/index.json", allowed_hosts=["127.0.0.1:1"])
+    assert [s.url for s in src.specs] == [f"{url}/shard-0.tar", f"{url}/127.0.0.1:1/x.tar", f"{url}/etc/passwd",
+                                          "http://127.0.0.1:1/y.tar?sig=SECRET"]

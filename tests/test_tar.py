@@ -286,18 +286,6 @@ def test_end_of_archive_only_and_empty_file():
         list(read_tar_samples(io.BytesIO(b""), URL))
 
 
-@pytest.mark.parametrize("gz", [False, True])
-def test_the_stream_is_read_to_its_end_after_the_archive(gz):
-    # The padding after the end-of-archive block is read too: a cache tee then sees the whole shard.
-    data = make_tar(sample_members(3), format=tarfile.USTAR_FORMAT)
-    assert len(data) % 10240 == 0 and data.rindex(b"s2") < len(data) - 2048
-    data = gzip.compress(data) if gz else data
-    stream = io.BytesIO(data)
-    assert len(list(read_tar_samples(stream, URL))) == 3 and stream.tell() == len(data)
-    stream = io.BytesIO(data + bytes(3 << 20))  # but never more than a bounded tail
-    assert len(list(read_tar_samples(stream, URL))) == 3 and stream.tell() < len(data) + (2 << 20)
-
-
 # ---------------------------------------------------------------------------------------------- errors
 
 

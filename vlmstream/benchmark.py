@@ -429,6 +429,7 @@ def chart(res: dict[str, Any], path: str) -> str | None:
 
 
 def bench_shards(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    from .errors import redact_spec, redact_text
     from .progress import bar
     from .shardlist import resolve
 
@@ -439,7 +440,7 @@ def bench_shards(args: argparse.Namespace, command: str) -> dict[str, Any]:
     urls = [s.url for s in specs]
     job = Job(args, urls)
     rounds = args.rounds or 1
-    res: dict[str, Any] = {"command": command, "spec": spec, "shards": len(urls), "job": args.job,
+    res: dict[str, Any] = {"command": redact_text(command), "spec": redact_spec(spec), "shards": len(urls), "job": args.job,
                            "workers": args.workers, "machine": machine()}
     res["job_text"] = (f"every image decoded and resized to {args.size}x{args.size} uint8, batches of {job.batch}"
                        if args.job == "224" else

@@ -36,12 +36,14 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 from typing import Any, BinaryIO, Iterator
 
 from .errors import log, redact
 
 STALE_PARTIAL_S = 3600.0  # a partial file not written to for this long belongs to a download that is gone
+TRAILER_BYTES = 1 << 20  # left unread by a reader that stopped at the end of the archive, read at close, at most
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _PART = re.compile(r"\.part\.([0-9a-f]{8})\.(\d+)\.\d+$")  # HOST, PID
 _ENTRY = re.compile(r"[0-9a-f]{64}\.tar")
@@ -174,10 +176,12 @@ class ShardCache:
 
     # -------------------------------------------------------------------------------------------- writing
 
-    def tee(self, url: str, stream: BinaryIO, size: int | None = None, sha256: str | None = None) -> BinaryIO:
+    def tee(self, url: str, stream: BinaryIO, size: int | None = None, sha256: str | None = None,
+            cancel: threading.Event | None = None) -> BinaryIO:
         """``stream`` read through, its bytes stored as they pass; the shard is published once read to its end
-        and found to match ``size`` and ``sha256`` (the manifest's; None: unknown)."""
-        return _CacheTee(self, url, stream, size, sha256)
+        and found to match ``size`` and ``sha256`` (the manifest's; None: unknown). ``cancel``: the stream's
+        retry switch (set: no more retries), for the tail read at close."""
+        return _CacheTee(self, url, stream, size, sha256, cancel)
 
     def _publish(self, path: str, partial: str, out: io.BufferedWriter, sha256: str | None) -> bool:
         """Make a finished download the entry at ``path``: its record first, then the shard, both by rename.
@@ -276,9 +280,10 @@ class _CacheTee(io.RawIOBase):
     shard cannot be read.
     """
 
-    def __init__(self, cache: ShardCache, url: str, stream: BinaryIO, size: int | None, sha256: str | None):
+    def __init__(self, cache: ShardCache, url: str, stream: BinaryIO, size: int | None, sha256: str | None,
+                 cancel: threading.Event | None = None):
         self.cache, self.url, self.stream = cache, url, stream
-        self.size, self.sha256 = size, sha256
+        self.size, self.sha256, self.cancel = size, sha256, cancel
         self.path = cache.path(url)
         self.partial = cache._partial(self.path)
         self.hash = hashlib.sha256() if sha256 else None
@@ -343,12 +348,35 @@ class _CacheTee(io.RawIOBase):
         log.warning("shard cache: %s not cached: %s", redact(self.url), error)
 
     def close(self) -> None:
+        if self.out is not None and not self.closed:
+            self._read_tail()
         if self.out is not None:  # not read to the end: never publish a partial shard
             self.out.close()
             self.out = None
             _remove(self.partial)
         self.stream.close()
         super().close()
+
+    def _read_tail(self) -> None:
+        """A tar reader stops at the end-of-archive block and leaves the padding after it (up to 10 KiB from tar
+        and GNU tar): read that little so that the whole shard is kept. Only a small tail, and without retries
+        (``cancel`` set): it is worth a copy, not a wait; a tail that fails leaves the shard uncached."""
+        left = TRAILER_BYTES if self.size is None else self.size - self.written
+        if left > TRAILER_BYTES:
+            return
+        if self.cancel is not None:
+            self.cancel.set()
+        buf = bytearray(64 << 10)
+        try:
+            while self.out is not None and left >= 0:
+                n = self.readinto(buf)  # publishes at the end of the stream (a mismatch raises "checksum")
+                if not n:
+                    return
+                left -= n
+        except Exception as e:  # noqa: BLE001 - the transfer of a tail nobody reads: the copy is dropped
+            if getattr(e, "reason", None) == "checksum":
+                raise
+            log.debug("shard cache: %s not cached: its tail did not arrive (%s)", redact(self.url), e)
 
 
 __all__ = ["STALE_PARTIAL_S", "ShardCache"]

@@ -72,7 +72,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     out = res.as_dict()
     if args.sheet:
         if res.picked:
-            title = f"{spec if isinstance(spec, str) else spec[0] + ' ...'}: {res.shape.samples:,} samples"
+            title = f"{res.spec if isinstance(res.spec, str) else res.spec[0] + ' ...'}: {res.shape.samples:,} samples"
             size = write_contact_sheet(args.sheet, res.picked, tile=args.tile, max_side=args.max_side, title=title,
                                        layout=SheetLayout(columns=args.columns, cell=args.cell))
             out["contact_sheet"] = {"path": args.sheet, "size": list(size), "samples": len(res.picked)}

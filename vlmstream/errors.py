@@ -18,34 +18,62 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Sequence
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 POLICIES = ("raise", "skip", "warn")
 KEEP_ERRORS = 8  # messages kept in ``stats.errors``
 log = logging.getLogger("vlmstream")
 
-_SECRET_QUERY = re.compile(r"(?i)((?:^|&)(?:token|sig|signature|key|access_token|x-amz-[a-z-]+)=)[^&]*")
-_SECRET_TEXT = (  # inside a pipe: command, which is shell text rather than one URL
+# A query parameter whose name says it carries a secret: signed URLs (S3's X-Amz-Signature, X-Amz-Credential,
+# X-Amz-Security-Token; GCS's X-Goog-Signature, X-Goog-Credential; Azure SAS's sig), api_key, access_token ...
+_SECRET_NAMES = r"[^=&\s'\"]*(?:token|sig|key|secret|passw|pwd|credential|auth)[^=&\s'\"]*|x-(?:amz|goog)-[^=&\s'\"]*"
+_SECRET_NAME = re.compile(rf"(?i){_SECRET_NAMES}")
+_SECRET_TEXT = (  # in text holding URLs (a pipe: command, a command line), rather than one URL
     (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^/\s@'\"]*@"), r"\1"),
-    (re.compile(r"(?i)([?&](?:token|sig|signature|key|access_token|x-amz-[a-z-]+)=)[^&\s'\"]*"), r"\1***"),
+    (re.compile(rf"(?i)([?&;#](?:{_SECRET_NAMES})=)[^&;#\s'\"]*"), r"\1***"),
     (re.compile(r"(?i)(authorization:\s*(?:bearer|basic|token)?\s*)[^\s'\"]+"), r"\1***"),
 )
 
 
+def _redact_params(text: str) -> str:
+    """``a=1&X-Goog-Signature=abc`` -> ``a=1&X-Goog-Signature=***``: the value of each secret-named parameter."""
+    parts = text.split("&")
+    for i, part in enumerate(parts):
+        name, eq, _ = part.partition("=")
+        if eq and _SECRET_NAME.fullmatch(unquote_plus(name)):
+            parts[i] = f"{name}=***"
+    return "&".join(parts)
+
+
+def redact_text(text: str) -> str:
+    """Text holding URLs (a ``pipe:`` command, a command line) with their userinfo, secret-named query values
+    and ``Authorization:`` values replaced."""
+    for pattern, repl in _SECRET_TEXT:
+        text = pattern.sub(repl, text)
+    return text
+
+
 def redact(url: str) -> str:
-    """The URL with credentials removed (userinfo, ``token=``-like query values), fit for logs, errors,
-    stats and state dicts. A ``pipe:`` command has URLs and ``Authorization:`` values in its text redacted."""
+    """The URL with credentials removed, fit for logs, errors, stats and state dicts: userinfo, and the value
+    of each query (or fragment) parameter whose name holds token, sig, key, secret, password, credential or
+    auth, or starts with x-amz- / x-goog-. A ``pipe:`` command (or a URL that does not parse) is redacted as
+    text."""
     if url.startswith("pipe:"):
-        for pattern, repl in _SECRET_TEXT:
-            url = pattern.sub(repl, url)
-        return url
+        return redact_text(url)
     if "@" not in url and "=" not in url:  # the common case: nothing to hide, nothing to parse
         return url
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unbalanced "[" in the host
+        return redact_text(url)
     netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
-    query = _SECRET_QUERY.sub(r"\1***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, _redact_params(parts.query), _redact_params(parts.fragment)))
+
+
+def redact_spec(spec: str | Sequence[str]) -> str | list[str]:
+    """A shard spec (a URL or pattern, or a list of them) as reports and errors show it."""
+    return redact(spec) if isinstance(spec, str) else [redact(s) for s in spec]
 
 
 class Reasoned:
@@ -100,4 +128,5 @@ def handle(policy: str, exc: BaseException, stats: ErrorCounts, stage: str, lost
         log.warning("%s skipped (%s): %s", stage, reason, message)
 
 
-__all__ = ["ErrorCounts", "POLICIES", "Reasoned", "check_policy", "handle", "log", "reason_of", "redact"]
+__all__ = ["ErrorCounts", "POLICIES", "Reasoned", "check_policy", "handle", "log", "reason_of", "redact",
+           "redact_spec", "redact_text"]

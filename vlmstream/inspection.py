@@ -271,6 +271,7 @@ def inspect_shards(spec: str | Sequence[str], *, tokenizer: Any = None, tile: in
                    ) -> Inspection:
     """Read every shard once: the dataset's shape, each shard checked against its manifest entry, and ``pick``
     samples kept for a contact sheet (a seeded reservoir sample, or the first ones with ``first=True``)."""
+    from .errors import redact, redact_spec
     from .fetch import FetchOptions, FetchStats, HTTPClient, open_url
     from .progress import bar
     from .shardlist import resolve
@@ -280,7 +281,7 @@ def inspect_shards(spec: str | Sequence[str], *, tokenizer: Any = None, tile: in
     if max_shards is not None:
         specs = specs[:max_shards]
     if not specs:
-        raise ValueError(f"no shards found for {spec!r}")
+        raise ValueError(f"no shards found for {redact_spec(spec)!r}")
     shape = Shape(tile=tile, max_side=max_side)
     rng = random.Random(seed)
     picked: list[dict[str, Any]] = []
@@ -290,13 +291,14 @@ def inspect_shards(spec: str | Sequence[str], *, tokenizer: Any = None, tile: in
     with bar(total=total or len(specs), desc="inspect", unit="B" if total else "shard", unit_scale=bool(total),
              enabled=progress) as pb:
         for spec_ in specs:
-            chk = ShardCheck(spec_.url, expected_samples=spec_.samples, expected_bytes=spec_.bytes,
+            shown = redact(spec_.url)  # what the report and the samples' __url__ show
+            chk = ShardCheck(shown, expected_samples=spec_.samples, expected_bytes=spec_.bytes,
                              expected_sha256=spec_.sha256)
             checks.append(chk)
             try:
                 with open_url(spec_.url, client=client, hf_token=hf_token) as f:
                     r = HashingReader(f, verify)
-                    for sample in read_tar_samples(r, spec_.url):
+                    for sample in read_tar_samples(r, shown):
                         shape.add(sample, tokenizer)
                         chk.samples += 1
                         if pick:
@@ -317,7 +319,7 @@ def inspect_shards(spec: str | Sequence[str], *, tokenizer: Any = None, tile: in
             pb.set_postfix(samples=shape.samples, refresh=False)
     if not first:
         picked.sort(key=lambda s: (s["__url__"], s["__index__"]))
-    return Inspection(spec, checks, shape, picked, verify)
+    return Inspection(redact_spec(spec), checks, shape, picked, verify)
 
 
 # ------------------------------------------------------------------------------------------------ contact sheet

@@ -20,10 +20,11 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
-from urllib.parse import quote, unquote
+from urllib.parse import SplitResult, quote, unquote, urljoin, urlsplit
 
 import braceexpand
 
+from .errors import redact, redact_spec
 from .format import FormatError, parse_manifest
 from .pipeline import Context
 from .split import epoch_order
@@ -41,14 +42,91 @@ def _is_url(s: str) -> bool:
     return "://" in s
 
 
-def _join(base: str, rel: str) -> str:
-    """Resolve a manifest's relative shard URL against the manifest's own location."""
-    if _is_url(rel) or os.path.isabs(rel):
+def _is_remote(url: str) -> bool:
+    return url.startswith(("http://", "https://", "hf://"))
+
+
+def _join(base: str, rel: str, allowed_hosts: Sequence[str] = ()) -> str:
+    """Resolve a manifest's shard URL against the manifest's own location.
+
+    A local manifest is the user's own file: a relative path resolves against its folder, and an absolute path
+    or URL is taken as it is. A remote one (http(s), hf://) is someone else's: its entries resolve as URLs,
+    and must stay on its origin (scheme, host, port; for hf://, its repo at its commit) or on a host in
+    ``allowed_hosts``. Never a local file or another scheme: a remote list must not make us read the user's
+    files, nor send their credentials elsewhere.
+    """
+    if not _is_remote(base):
+        if _is_url(rel) or os.path.isabs(rel):
+            return rel
+        if _is_url(base):
+            scheme, rest = base.split("://", 1)
+            return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(rest), rel))}"
+        return os.path.normpath(os.path.join(os.path.dirname(base), rel))
+    url = _join_hf(base, rel) if base.startswith("hf://") else _join_http(base, rel)
+    if url is None or not (_same_origin(base, url) or _allowed(url, allowed_hosts)):
+        raise FormatError(f"{redact(base)}: shard entry {redact(rel)!r} resolves outside the manifest's origin "
+                          f"({_origin_text(base)}); a remote manifest may name shards on its own origin only, "
+                          "or on hosts given in allowed_hosts=[...]", reason="outside_origin")
+    return url
+
+
+def _join_http(base: str, rel: str) -> str | None:
+    try:
+        url = urljoin(base, rel)
+        return url if urlsplit(url).scheme in ("http", "https") else None
+    except ValueError:  # e.g. an unbalanced "[" in a host
+        return None
+
+
+def _join_hf(base: str, rel: str) -> str | None:
+    """A path relative to an hf:// manifest, kept inside its repo at its commit; an absolute URL as it is."""
+    if _is_url(rel):
         return rel
-    if _is_url(base):
-        scheme, rest = base.split("://", 1)
-        return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(rest), rel))}"
-    return os.path.normpath(os.path.join(os.path.dirname(base), rel))
+    repo_type, repo_id, revision, path = parse_hf_url(base)
+    joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), rel)).lstrip("/")
+    if joined == ".." or joined.startswith("../"):
+        return None
+    return hf_url(repo_type, repo_id, revision, joined)
+
+
+def _http_origin(parts: SplitResult) -> tuple[str, str, int] | None:
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _same_origin(base: str, url: str) -> bool:
+    try:
+        if base.startswith("hf://"):
+            return url.startswith("hf://") and parse_hf_url(url)[:3] == parse_hf_url(base)[:3]
+        origin = _http_origin(urlsplit(base))
+        return origin is not None and _http_origin(urlsplit(url)) == origin
+    except ValueError:
+        return False
+
+
+def _allowed(url: str, allowed_hosts: Sequence[str]) -> bool:
+    """Whether an http(s) URL is on a host the user allowed: "host" (any port), "host:port" or "scheme://host[:port]"."""
+    try:
+        target = _http_origin(urlsplit(url))
+    except ValueError:
+        return False
+    if target is None:
+        return False
+    for entry in allowed_hosts:
+        p = urlsplit(entry if "://" in entry else f"//{entry}")
+        if (p.hostname == target[1] and (p.port is None or p.port == target[2])
+                and (not p.scheme or p.scheme == target[0])):
+            return True
+    return False
+
+
+def _origin_text(base: str) -> str:
+    if base.startswith("hf://"):
+        repo_type, repo_id, revision, _ = parse_hf_url(base)
+        return f"{repo_type} {repo_id} at {revision or 'main'}"
+    parts = urlsplit(base)
+    return f"{parts.scheme}://{parts.hostname}:{_http_origin(parts)[2]}"
 
 
 # After "@": a revision is one path segment (percent-encode a "/" in it), except the Hub's special refs.
@@ -87,12 +165,13 @@ def _read_manifest_bytes(url: str, opener) -> bytes:
         return f.read()
 
 
-def _from_manifest(url: str, data: bytes) -> list[ShardSpec]:
+def _from_manifest(url: str, data: bytes, allowed_hosts: Sequence[str] = ()) -> list[ShardSpec]:
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{url}: invalid manifest JSON: {e}") from None
-    return [ShardSpec(_join(url, s.url), s.samples, s.sha256, s.bytes) for s in parse_manifest(doc, url)]
+        raise FormatError(f"{redact(url)}: invalid manifest JSON: {e}") from None
+    return [ShardSpec(_join(url, s.url, allowed_hosts), s.samples, s.sha256, s.bytes)
+            for s in parse_manifest(doc, redact(url))]
 
 
 def pin_hf_revision(repo_type: str, repo_id: str, revision: str | None, token: str | bool | None) -> str:
@@ -128,8 +207,10 @@ def _glob_match(path: str, pattern: str) -> bool:
     return len(parts) == len(pats) and all(fnmatch.fnmatchcase(a, p) for a, p in zip(parts, pats))
 
 
-def resolve(spec: str | Sequence[str], *, opener=None, hf_token: str | bool | None = None) -> list[ShardSpec]:
-    """Turn a spec into the shard list; every form but plain lists may do I/O (once)."""
+def resolve(spec: str | Sequence[str], *, opener=None, hf_token: str | bool | None = None,
+            allowed_hosts: Sequence[str] = ()) -> list[ShardSpec]:
+    """Turn a spec into the shard list; every form but plain lists may do I/O (once). ``allowed_hosts``: hosts
+    besides its own that a remote manifest may name shards on (see `_join`)."""
     if not isinstance(spec, str):
         return [ShardSpec(u) for s in spec for u in braceexpand.braceexpand(s)]
     if spec.startswith("hf://"):
@@ -140,12 +221,12 @@ def resolve(spec: str | Sequence[str], *, opener=None, hf_token: str | bool | No
             revision = pin_hf_revision(repo_type, repo_id, revision, hf_token)
             local = hf_hub_download(repo_id, path, repo_type=repo_type, revision=revision, token=hf_token)
             with open(local, "rb") as f:  # relative shard URLs: same repo, same commit
-                return _from_manifest(hf_url(repo_type, repo_id, revision, path), f.read())
+                return _from_manifest(hf_url(repo_type, repo_id, revision, path), f.read(), allowed_hosts)
         return _list_hf(spec, hf_token)
     if spec.endswith(".json"):
         if opener is None:
             from .fetch import open_url as opener
-        return _from_manifest(spec, _read_manifest_bytes(spec, opener))
+        return _from_manifest(spec, _read_manifest_bytes(spec, opener), allowed_hosts)
     urls = list(braceexpand.braceexpand(spec))
     if not _is_url(spec) and any(c in spec for c in "*?["):
         urls = sorted(p for u in urls for p in glob.glob(u))
@@ -159,7 +240,8 @@ def cached_resolve(spec: str | Sequence[str], cache_dir: str, ttl: float, **kwar
     and read it, so one machine makes one listing request however many ranks it runs.
     """
     os.makedirs(cache_dir, exist_ok=True)
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+    allowed = sorted(kwargs.get("allowed_hosts") or ())
+    key = hashlib.sha256(json.dumps([spec, allowed] if allowed else spec, sort_keys=True).encode()).hexdigest()[:32]
     path = os.path.join(cache_dir, f"shards-{key}.json")
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -186,6 +268,8 @@ class shards:
     ``listing_cache``: a folder where ranks of one machine share the listing for ``listing_ttl`` seconds.
     ``resample=True``: endless; each (rank, worker) draws shards at random with replacement, seeded by
     (seed, epoch, rank, worker). For step-based training: end each epoch with ``vs.take(batches)``.
+    ``allowed_hosts``: hosts besides its own that a remote manifest may name shards on ("host", "host:port"
+    or "https://host"); a shard anywhere else is refused when the list is resolved.
     """
 
     def __init__(
@@ -198,13 +282,14 @@ class shards:
         listing_ttl: float = 3600.0,
         hf_token: str | bool | None = None,
         resample: bool = False,
+        allowed_hosts: Sequence[str] = (),
     ):
         if listing_cache is not None:
-            self.specs = cached_resolve(spec, listing_cache, listing_ttl, hf_token=hf_token)
+            self.specs = cached_resolve(spec, listing_cache, listing_ttl, hf_token=hf_token, allowed_hosts=allowed_hosts)
         else:
-            self.specs = resolve(spec, hf_token=hf_token)
+            self.specs = resolve(spec, hf_token=hf_token, allowed_hosts=allowed_hosts)
         if not self.specs:
-            raise ValueError(f"no shards found for {spec!r}")
+            raise ValueError(f"no shards found for {redact_spec(spec)!r}")
         self.shuffle, self.seed, self.resample = shuffle, seed, resample
         self.ctx = Context()
 

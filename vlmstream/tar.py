@@ -44,7 +44,6 @@ from .split import QuotaStats, SlotCursor, slot_samples
 BLOCK = 512
 _ZEROS = bytes(BLOCK)
 _SKIP_CHUNK = 1 << 20
-_TRAILER_LIMIT = 1 << 20  # bytes read after the end-of-archive block, at most (tar and GNU tar pad to 10 KiB)
 _CHECKSUM_FIELDS: dict[bytes, tuple[int | None, int]] = {}
 
 # Type flags (byte 156 of a header), as ints.
@@ -110,8 +109,8 @@ def iter_members(
     Gzip-compressed shards are detected from their first bytes and decompressed.
     A member, or an extended header, over ``max_member_bytes`` raises before it is read; with
     ``skip_oversize`` a regular member over it is passed over in chunks (never held whole) and yielded
-    with an ``Oversized`` value in place of its data. After the end-of-archive block the stream is read on to
-    its end (the archive's padding, at most ``_TRAILER_LIMIT`` bytes) and those bytes dropped.
+    with an ``Oversized`` value in place of its data. Reading stops at the end-of-archive block: the padding
+    after it is left to whoever owns the stream (the shard cache reads it, to keep the whole shard).
     """
     read = stream.read
     head = _read(read, BLOCK)
@@ -123,7 +122,6 @@ def iter_members(
         if unzipped is not None:
             head = _read(read, BLOCK)
         yield from _members(read, head, url, max_member_bytes, skip_oversize, base_offset)
-        _skip_to_end(stream.read)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # only the gzip layer raises these
         if unzipped is None:
             raise
@@ -354,18 +352,6 @@ def _read_more(read: Callable[[int], bytes], data: bytes, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _skip_to_end(read: Callable[[int], bytes]) -> None:
-    """After the end-of-archive block: read on to the stream's end (the padding to a whole record, at most
-    ``_TRAILER_LIMIT`` bytes). A stream read to its end is complete: the fetch stage's cache keeps a shard only
-    then, and an HTTP connection goes back to the pool only then."""
-    left = _TRAILER_LIMIT
-    while left > 0:
-        got = read(min(left, _SKIP_CHUNK))
-        if not got:
-            return
-        left -= len(got)
-
-
 def _skip(read: Callable[[int], bytes], n: int) -> bool:
     while n > 0:
         chunk = read(min(n, _SKIP_CHUNK))
@@ -475,7 +461,9 @@ def group_samples(members: Iterable[tuple[str, bytes, int]], url: str, first_ind
 
 def read_tar_samples(stream: Readable, url: str, *, max_member_bytes: int | None = None, base_offset: int = 0,
                      first_index: int = 0) -> Iterator[Sample]:
-    """The samples of one shard read from ``stream`` (left open: the caller owns it)."""
+    """The samples of one shard read from ``stream`` (left open: the caller owns it); ``url`` is shown redacted
+    in errors and in each sample's ``__url__``."""
+    url = redact(url)
     members = iter_members(stream, url, max_member_bytes=max_member_bytes, base_offset=base_offset)
     return group_samples(members, url, first_index)
 
@@ -568,6 +556,7 @@ class TarSamples:
             if wanted or skip_key is not None:
                 missing = sorted(wanted)[:5] if wanted else [skip]
                 raise _changed(url, f"samples {missing} named by the checkpoint are not in the shard")
+            stream.close()  # here, so that what closing finds (a cache copy not matching the manifest) is handled
         except TarError as e:
             if checking and e.reason != "changed":
                 raise _changed(url, f"where the checkpoint points, {e}") from None
