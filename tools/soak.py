@@ -3,6 +3,7 @@ file descriptors sampled over time.
 
     python tools/soak.py [--workdir /tmp/vlmstream-soak] [--shards 75] [--per-shard 1000] [--epochs 4]
                          [--workers 2] [--fault-rate 0.3] [--interval 5] [--json soak.json]
+                         [--cache DIR [--cache-bytes N]]
 
 The corpus (built once under --workdir): --shards shards of --per-shard conversation samples, each a 32x32 JPEG
 (a pool of 64 drawn shapes) and a one- or two-turn chat; every 5000th sample's JPEG is cut short (bad data), and
@@ -13,9 +14,14 @@ its Content-Length, a stall past the read timeout, or (on a Range request) the w
 
 The chain, through vs.Loader(num_workers=--workers), one pass per epoch:
 
-    shards(URL/index.json) -> split_by_node -> split_by_worker -> fetch(prefetch=2, retries) ->
+    shards(URL/index.json) -> split_by_node -> split_by_worker -> fetch(prefetch=2, retries[, cache]) ->
     tar_samples(on_error="skip") -> shuffle(1000) -> decode(ImageTiles(32, 64), on_error="skip") ->
     tokenize(max_len=256, on_error="skip") -> pack(256, max_images=8) -> batch(8)
+
+With --cache, fetch keeps shards in that folder under a bound (default: a third of the corpus), so shards are
+evicted and fetched again while others are read from disk. Several soaks run at once with the same --cache
+share the folder, its bound and its evictions (each has its own server port, so their shard URLs, and so
+their entries, differ: each evicts the other's).
 
 Every epoch is checked: each good sample delivered exactly once, each bad one counted as skipped. A thread samples
 every --interval seconds the resident memory (VmRSS) and open descriptors of this process and of its DataLoader
@@ -40,6 +46,7 @@ from collections import Counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # servers.py: the fault-injecting server
+sys.path.insert(0, os.path.dirname(HERE))  # the vlmstream of this checkout
 
 from servers import Fault, FaultPlan, fault_server  # noqa: E402
 
@@ -209,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--fault-rate", type=float, default=0.3)
     ap.add_argument("--interval", type=float, default=5.0)
     ap.add_argument("--json", default=None, help="write the summary and every sample of the time series here")
+    ap.add_argument("--cache", default=None, help="fetch's shard cache folder (may be shared by several soaks)")
+    ap.add_argument("--cache-bytes", type=int, default=None, help="its bound (default: a third of the corpus)")
     args = ap.parse_args(argv)
 
     root = os.path.join(args.workdir, f"corpus-{args.shards}x{args.per_shard}")
@@ -225,9 +234,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     tok = vs.ChatTokenizer.from_file(os.path.join(root, "tokenizer.json"), image_token_length=16)
     opts = FetchOptions(read_timeout=1.0, retries=10, backoff=0.01, max_backoff=0.1)
+    cache = {}
+    if args.cache:
+        corpus_bytes = sum(os.path.getsize(os.path.join(root, n)) for n in os.listdir(root) if n.endswith(".tar"))
+        cache = {"cache": args.cache, "cache_bytes": args.cache_bytes or corpus_bytes // 3}
     pipe = vs.Pipeline(
         vs.shards(f"{url}/index.json", seed=0), vs.split_by_node(), vs.split_by_worker(),
-        vs.fetch(prefetch=2, options=opts), vs.tar_samples(on_error="skip"), vs.shuffle(1000, initial=100),
+        vs.fetch(prefetch=2, options=opts, **cache), vs.tar_samples(on_error="skip"), vs.shuffle(1000, initial=100),
         vs.decode(vs.ImageTiles(32, 64, output="uint8"), on_error="skip"),
         vs.tokenize(tok, max_len=256, on_error="skip"), vs.pack(256, max_images=8, buffer=64), vs.batch(8),
         rank=0, world_size=1)
@@ -257,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
             "bad_delivered": len(bad & set(keys)),
             "faults": {k: injected[i] - faults_before[i] for i, k in enumerate(KINDS)},
             "retries": st["fetch"].get("retries"), "resumed": st["fetch"].get("resumed"),
-            "requests": st["fetch"].get("requests"), "decode_skipped": st["decode"].get("skipped", {}),
+            "requests": st["fetch"].get("requests"), "cache_hits": st["fetch"].get("cache_hits"),
+            "stalls": st["fetch"].get("stalls"), "decode_skipped": st["decode"].get("skipped", {}),
             "main_rss_mb": sampler.samples[-1]["main_rss_mb"], "main_fds": sampler.samples[-1]["main_fds"],
         })
         faults_before = injected
@@ -278,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": round(sum(e["seconds"] for e in epochs), 1),
         "faults": {k: sum(e["faults"][k] for e in epochs) for k in KINDS},
         "retries": sum(e["retries"] or 0 for e in epochs), "resumed": sum(e["resumed"] or 0 for e in epochs),
+        "cache_hits": sum(e["cache_hits"] or 0 for e in epochs), "cache": cache or None,
         "decode_skipped": sum(sum(e["decode_skipped"].values()) for e in epochs),
         "main_rss_mb": {"after_epoch_0": epochs[0]["main_rss_mb"], "min": min(s["main_rss_mb"] for s in warm),
                         "max": max(s["main_rss_mb"] for s in warm), "end": series[-1]["main_rss_mb"]},
