@@ -20,12 +20,14 @@ from PIL import Image
 import vlmstream as vs
 from servers import FaultPlan, fault_server
 from vlm_data import chat_tokenizer
-from vlmstream.decode import DecodeError
-from vlmstream.fetch import ShardCache
-from vlmstream.format import FormatError, ShardInfo, write_manifest
-from vlmstream.pipeline import Context
-from vlmstream.tar import TarError, TarSamples
-from vlmstream.writer import closed_size, tar_member
+from vlmstream.errors import DecodeError
+from vlmstream.io.cache import ShardCache
+from vlmstream.dataset.format import ShardInfo, write_manifest
+from vlmstream.errors import FormatError
+from vlmstream.core.stage import Context
+from vlmstream.errors import TarError
+from vlmstream.stages.read import TarSamples
+from vlmstream.dataset.writer import closed_size, tar_member
 
 PER_SHARD = 10
 BAD = 5  # the bad sample's position in the middle shard
@@ -420,7 +422,7 @@ SIGNED = {"X-Goog-Algorithm": "GOOG4-RSA-SHA256", "X-Goog-Credential": "gcred_S3
 
 def test_secrets_in_signed_urls_never_reach_samples_errors_logs_stats_state_or_reports(tmp_path, caplog):
     """Signed URLs (GCS, S3, Azure SAS) and API keys in query strings: every value redacted wherever a URL shows."""
-    from vlmstream.inspection import inspect_shards
+    from vlmstream.cli.inspect import inspect_shards
 
     dataset(tmp_path, middle_with(middle_sample("0.jpg", b"not an image")))
     query = "&".join(f"{k}={v}" for k, v in SIGNED.items()) + "&x=1"

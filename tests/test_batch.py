@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vlmstream as vs
-from vlmstream.batch import Rows, default_collate
+from vlmstream.stages.batch import Rows, default_collate
 
 
 def _samples(n: int, start: int = 0) -> list[dict]:

@@ -16,9 +16,11 @@ import pytest
 
 import vlmstream as vs
 from servers import fault_server, no_sleep
-from vlmstream.fetch import FetchError, FetchOptions, ShardCache
-from vlmstream.format import ShardInfo, write_manifest
-from vlmstream.writer import ShardWriter
+from vlmstream.errors import FetchError
+from vlmstream.io.cache import ShardCache
+from vlmstream.io.http import FetchOptions
+from vlmstream.dataset.format import ShardInfo, write_manifest
+from vlmstream.dataset.writer import ShardWriter
 
 SHARDS, PER_SHARD = 4, 6
 SHAPES = ["circle", "triangle", "rectangle"]
@@ -168,13 +170,14 @@ def _hammer(folder: str, items: list[dict], bound: int, passes: int, seed: int, 
     try:
         for p in range(passes):
             stage = vs.fetch(prefetch=p % 2, cache=folder, cache_bytes=bound, options=FetchOptions(chunk=16 << 10))
+            check = {i["url"]: i["check"] for i in items}
             for item in stage(iter(rng.sample(items, len(items)))):
-                with item["stream"] as f:
+                with item.stream as f:
                     if rng.random() < 0.15:
                         f.read(5000)
                         continue
                     data = f.read()
-                assert hashlib.sha256(data).hexdigest() == item["check"], item["url"]
+                assert hashlib.sha256(data).hexdigest() == check[item.task.url], item.task.url
     except BaseException:
         errors.put(traceback.format_exc())
         errors.close()
@@ -218,7 +221,7 @@ def test_processes_sharing_one_cache_folder_under_a_tight_bound_raise_nothing(tm
 def _download_and_stall(folder: str, url: str, started) -> None:
     stage = vs.fetch(prefetch=0, cache=folder, options=FetchOptions(chunk=16 << 10))
     item = next(stage(iter([{"url": url}])))
-    item["stream"].read(200_000)
+    item.stream.read(200_000)
     started.set()
     time.sleep(120)  # killed before it ends
 
@@ -244,7 +247,7 @@ def test_a_killed_downloads_partial_file_counts_in_the_bound_and_is_removed(tmp_
         bound = part_size + 2 * size + size // 2
         stage = vs.fetch(prefetch=0, cache=folder, cache_bytes=bound)
         for item in stage(iter([{"url": f"file://{src}/s{k}.tar"} for k in range(4)])):
-            with item["stream"] as f:
+            with item.stream as f:
                 f.read()
         on_disk = sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if ".meta" not in n)
         assert on_disk <= bound
@@ -253,7 +256,7 @@ def test_a_killed_downloads_partial_file_counts_in_the_bound_and_is_removed(tmp_
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
     # another host's partial files: kept while fresh, removed once not written to for STALE_PARTIAL_S
-    from vlmstream import cache as cache_module
+    from vlmstream.io import cache as cache_module
 
     other = "0" * 8 if cache_module._HOST != "0" * 8 else "1" * 8
     fresh, old = (os.path.join(folder, f"{'a' * 64}.tar.part.{other}.{pid}.0") for pid in (1, 2))

@@ -16,9 +16,9 @@ from collections import Counter
 import pytest
 
 import vlmstream as vs
-from vlmstream.checkpoint import seal
-from vlmstream.format import read_manifest, write_manifest
-from vlmstream.writer import ShardWriter
+from vlmstream.core.checkpoint import seal
+from vlmstream.dataset.format import read_manifest, write_manifest
+from vlmstream.dataset.writer import ShardWriter
 
 PER_SHARD, SHARDS = 10, 8
 

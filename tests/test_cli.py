@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from vlm_data import chat_tokenizer, easyvqa_conversations, write_easyvqa_shards
-from vlmstream import cli
-from vlmstream.inspection import SheetLayout
-from vlmstream.tiles import num_tiles
+from vlmstream.cli import main as cli
+from vlmstream.cli.inspect import SheetLayout
+from vlmstream.stages.tiles import num_tiles
 
 N, PER_SHARD, TILE, MAX_SIDE, RUN = 12, 4, 32, 64, 16
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ from PIL import Image
 from skimage import data as skdata
 
 import vlmstream as vs
-from vlmstream.decode import open_image, pixels, to_uint8
+from vlmstream.stages.decode import open_image, pixels, to_uint8
 
 
 def jpeg(arr, **kw):
@@ -100,7 +100,7 @@ def test_decompression_bomb_is_refused_before_decoding(side, limit):
 
 
 def test_tensor_images_come_from_pillows_memory_equal_to_a_numpy_copy(photo, monkeypatch):
-    decode_module = sys.modules["vlmstream.decode"]
+    decode_module = sys.modules["vlmstream.stages.decode"]
     assert decode_module._ARROW  # the pinned Pillow and pyarrow export pixels without a copy: that path is tested
     im = Image.fromarray(photo)
     want = torch.from_numpy(photo).permute(2, 0, 1)

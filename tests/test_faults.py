@@ -18,10 +18,11 @@ import pytest
 
 import vlmstream as vs
 from servers import Fault, FaultPlan, fault_server
-from vlmstream.fetch import FetchError, FetchOptions
-from vlmstream.format import write_manifest
-from vlmstream.pipeline import Context
-from vlmstream.writer import ShardWriter
+from vlmstream.errors import FetchError
+from vlmstream.io.http import FetchOptions
+from vlmstream.dataset.format import write_manifest
+from vlmstream.core.stage import Context
+from vlmstream.dataset.writer import ShardWriter
 
 SHARDS, PER_SHARD = 24, 30
 RANKS, WORKERS = 2, 3

@@ -6,7 +6,11 @@ import threading
 import pytest
 
 from servers import Fault, FaultPlan, Nginx, fault_server, no_sleep, self_signed
-from vlmstream.fetch import FetchError, FetchOptions, ShardCache, fetch, open_url, redact
+from vlmstream.errors import FetchError, redact
+from vlmstream.io.cache import ShardCache
+from vlmstream.io.http import FetchOptions
+from vlmstream.io.urls import open_url
+from vlmstream.stages.fetch import fetch
 
 SIZE = 3_000_000
 
@@ -32,7 +36,7 @@ def nginx(blobs):
 def fetched(stage, urls):
     out = []
     for item in stage(iter([{"url": u} for u in urls])):
-        with item["stream"] as f:
+        with item.stream as f:
             out.append(f.read())
     return out
 
@@ -70,7 +74,8 @@ def test_range_resume_after_a_cut_connection(blobs):
 
 
 def test_nginx_honours_range_for_resume(blobs, nginx):
-    from vlmstream.fetch import HTTPClient, FetchStats, HTTPStream
+    from vlmstream.io.http import HTTPClient, HTTPStream
+    from vlmstream.stages.fetch import FetchStats
 
     root, data = blobs
     s = HTTPStream(f"{nginx.url}/s1.tar", HTTPClient(opts(), FetchStats()))
@@ -197,22 +202,22 @@ def test_read_ahead_is_bounded_in_bytes_and_survives_early_close(blobs):
     stage = fetch(prefetch=3, prefetch_bytes=1 << 20, options=opts(chunk=256 << 10))
     items = stage(iter([{"url": str(root / n)} for n in sorted(data)]))
     first = next(items)
-    first["stream"].read(10)
-    first["stream"].close()  # abandon the rest of this shard
+    first.stream.read(10)
+    first.stream.close()  # abandon the rest of this shard
     second = next(items)
-    assert second["stream"].read() == data["s1.tar"]
+    assert second.stream.read() == data["s1.tar"]
     items.close()
     assert not [t for t in threading.enumerate() if t.name == "vlmstream-fetch" and t.is_alive()]
 
 
 def test_read_ahead_serves_reads_of_any_size_and_recycles_its_buffers(blobs, nginx, monkeypatch):
-    import importlib
     import random
 
-    fetch_module = importlib.import_module("vlmstream.fetch")  # vs.fetch, the stage, shadows the module's name
+    from vlmstream.io import readahead
+
     root, data = blobs
     made = []
-    real = fetch_module._Buffers.get
+    real = readahead.Buffers.get
 
     def counting_get(self):
         buf = real(self)
@@ -220,13 +225,13 @@ def test_read_ahead_serves_reads_of_any_size_and_recycles_its_buffers(blobs, ngi
             made.append(buf)
         return buf
 
-    monkeypatch.setattr(fetch_module._Buffers, "get", counting_get)
+    monkeypatch.setattr(readahead.Buffers, "get", counting_get)
     chunk, budget = 64 << 10, 256 << 10
     stage = fetch(prefetch=2, prefetch_bytes=budget, options=opts(chunk=chunk))
     rng = random.Random(0)
     names = sorted(data)
     for item, name in zip(stage(iter([{"url": f"{nginx.url}/{n}"} for n in names])), names):
-        parts, f = [], item["stream"]
+        parts, f = [], item.stream
         while True:  # member-sized reads, many across two or more chunks; a readinto now and then
             if rng.random() < 0.1:
                 b = bytearray(rng.randrange(1, 3 * chunk))
@@ -261,13 +266,13 @@ def test_cache_never_publishes_a_partial_shard(blobs, nginx, tmp_path):
     root, _ = blobs
     stage = fetch(prefetch=0, cache=str(tmp_path / "c"))
     item = next(stage(iter([{"url": f"{nginx.url}/s0.tar"}])))
-    item["stream"].read(1000)
-    item["stream"].close()
+    item.stream.read(1000)
+    item.stream.close()
     assert os.listdir(tmp_path / "c") == []
 
 
 def test_workers_without_split_by_worker_is_an_error(blobs):
-    from vlmstream.pipeline import Context
+    from vlmstream.core.stage import Context
 
     root, _ = blobs
     stage = fetch(prefetch=0)
@@ -286,7 +291,7 @@ BAD_URLS = ["http://../x.tar", "http://127.0.0.1:99999/x.tar", "http://[::1/x.ta
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_a_url_that_cannot_be_a_request_is_a_bad_url_error_skipped_under_skip(prefetch):
     import vlmstream as vs
-    from vlmstream.pipeline import Context
+    from vlmstream.core.stage import Context
 
     for url in BAD_URLS:
         stage = fetch(prefetch=prefetch, options=opts())

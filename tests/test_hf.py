@@ -22,12 +22,15 @@ import tarfile
 import pytest
 
 from hf_standin import HubStandin, commit_of
-from vlmstream.fetch import FetchError, fetch, open_url
-from vlmstream.format import ShardInfo, write_manifest
-from vlmstream.shardlist import parse_hf_url, resolve
+from vlmstream.errors import FetchError
+from vlmstream.io.urls import open_url
+from vlmstream.stages.fetch import fetch
+from vlmstream.dataset.format import ShardInfo, write_manifest
+from vlmstream.io.hub import parse_hf_url
+from vlmstream.stages.shards import resolve
 
 try:
-    from vlmstream.tar import tar_samples  # written alongside; tarfile reads the shards until it lands
+    from vlmstream.stages.read import tar_samples# written alongside; tarfile reads the shards until it lands
 except ImportError:  # pragma: no cover
     tar_samples = None
 
@@ -116,7 +119,7 @@ def data(repo, name: str, rev: str = "main") -> bytes:
 def read_all(stage, urls: list[str]) -> list[bytes]:
     out = []
     for item in stage(iter([{"url": u} for u in urls])):
-        with item["stream"] as f:
+        with item.stream as f:
             out.append(f.read())
     return out
 
@@ -240,7 +243,9 @@ def test_fetch_reads_hf_shards_byte_identical_with_the_token(hub_env, repo, pref
 
 
 def test_fetch_resumes_an_hf_shard_by_range_through_the_redirect(hub_env, repo):
-    from vlmstream.fetch import FetchOptions, FetchStats, HTTPClient, HTTPStream, hf_resolve_url
+    from vlmstream.io.http import FetchOptions, HTTPClient, HTTPStream
+    from vlmstream.io.hub import hf_resolve_url
+    from vlmstream.stages.fetch import FetchStats
 
     url, token = hf_resolve_url(f"{REPO}/shards/shard-000002.tar")
     assert token == TOKEN and url == f"{hub_env.url}/datasets/org/ds/resolve/main/shards/shard-000002.tar"
@@ -291,12 +296,12 @@ def test_no_token_sent_gets_401(hub_env, monkeypatch, how):
 
 
 def test_full_read_from_manifest_through_fetch_and_tar(hub_env, repo):
-    from vlmstream.pipeline import Pipeline
-    from vlmstream.shardlist import shards
+    from vlmstream.core.pipeline import Pipeline
+    from vlmstream.stages.shards import shards
 
     def tarfile_samples(items):
         for item in items:
-            with item["stream"] as f, tarfile.open(fileobj=f, mode="r|") as tf:
+            with item.stream as f, tarfile.open(fileobj=f, mode="r|") as tf:
                 sample = None
                 for m in tf:
                     key, ext = m.name.split(".", 1)
@@ -322,12 +327,12 @@ def test_full_read_from_manifest_through_fetch_and_tar(hub_env, repo):
 SCRIPT = """
 import hashlib, json, sys
 import huggingface_hub.constants
-from vlmstream.fetch import fetch
-from vlmstream.shardlist import resolve
+from vlmstream.stages.fetch import fetch
+from vlmstream.stages.shards import resolve
 specs = resolve(sys.argv[1]) + resolve(sys.argv[2])
 out = {"endpoint": huggingface_hub.constants.ENDPOINT, "urls": [s.url for s in specs], "sha256": []}
 for item in fetch(prefetch=1)(iter([{"url": s.url} for s in specs])):
-    with item["stream"] as f:
+    with item.stream as f:
         out["sha256"].append(hashlib.sha256(f.read()).hexdigest())
 print(json.dumps(out))
 """

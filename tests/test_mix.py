@@ -9,10 +9,11 @@ import torch
 import yaml
 
 import vlmstream as vs
-from vlmstream.format import write_manifest
-from vlmstream.mix import largest_remainder, stream_epoch
-from vlmstream.pipeline import Context
-from vlmstream.writer import ShardWriter
+from vlmstream.dataset.format import write_manifest
+from vlmstream.core.partition import shares
+from vlmstream.stages.mix import stream_epoch
+from vlmstream.core.stage import Context
+from vlmstream.dataset.writer import ShardWriter
 
 # Shard sizes per stream: uneven, so that slots hold different amounts.
 SIZES = {"a": [10, 7, 9, 12, 5, 8], "b": [5, 5, 6, 4], "c": [3, 4, 3, 2, 5]}
@@ -80,7 +81,7 @@ def test_exact_targets_summed_over_2_ranks_x_2_workers(data, kind):
         want = {"a": 51, "b": 50, "c": 9}  # 8.5 rounds up
     elif kind == "epoch_size":
         m = vs.mix([stream(n, data[n], proportion=p) for n, p in (("a", 0.5), ("b", 0.3), ("c", 0.2))], epoch_size=101)
-        want = dict(zip("abc", largest_remainder(101, [0.5, 0.3, 0.2])))
+        want = dict(zip("abc", shares(101, [0.5, 0.3, 0.2])))
         assert want == {"a": 51, "b": 30, "c": 20}  # 50.5, 30.3, 20.2: the half goes to a
     else:  # no weights, an epoch size: shared in proportion to the streams' sizes (51, 20, 17)
         m = vs.mix([stream(n, data[n]) for n in "abc"], epoch_size=88)

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, strategies as st
 
 import vlmstream as vs
-from vlmstream.pack import concat, pack_bins
-from vlmstream.tokenize import IGNORE
+from vlmstream.stages.pack import concat, pack_bins
+from vlmstream.stages.tokenize import IGNORE
 
 
 @given(st.lists(st.tuples(st.integers(1, 100), st.integers(0, 4)), max_size=60), st.integers(100, 300), st.integers(4, 10))

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import SCHEMA_CASES, TOOLS, Case, FullDisk, check_manifest, read_pack, run_pack, shard_bytes
-from pack_shards import Positions, job_of, job_positions, shuffled_position, shuffled_positions
-from vlmstream.format import conversation_from_sample, pack_id, read_manifest
+from vlmstream.dataset.build import Positions, job_of, job_positions, shuffled_position, shuffled_positions
+from vlmstream.dataset.format import conversation_from_sample, pack_id, read_manifest
 
 TOOL = os.path.join(TOOLS, "pack_shards.py")
 
@@ -469,12 +469,12 @@ def test_bad_arguments_exit_with_usage(tmp_path, capsys):
 def test_buckets_give_back_every_sample_in_position_order(tmp_path, monkeypatch):
     import random
 
-    import pack_shards
+    from vlmstream.dataset import build
 
-    monkeypatch.setattr(pack_shards, "BUCKET_FLUSH_BYTES", 50)  # spill often: several appends per bucket
+    monkeypatch.setattr(build, "BUCKET_FLUSH_BYTES", 50)  # spill often: several appends per bucket
     positions = list(range(100, 300))
     random.Random(0).shuffle(positions)
-    buckets = pack_shards.Buckets(str(tmp_path), start=100, span=16)
+    buckets = build.Buckets(str(tmp_path), start=100, span=16)
     for p in positions:
         buckets.add(p, f"sample {p}".encode() * (p % 5))
     assert list(buckets.sorted_samples(200)) == [f"sample {p}".encode() * (p % 5) for p in range(100, 300)]
@@ -487,9 +487,9 @@ def _die(records, **options):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the patched worker reaches forked workers only")
 def test_a_dead_worker_is_an_error_not_a_hang(llava_json, tmp_path, monkeypatch, capsys):
-    import pack_shards
+    from vlmstream.dataset import build
 
-    monkeypatch.setattr(pack_shards, "convert_batch", _die)
+    monkeypatch.setattr(build, "convert_batch", _die)
     assert run_pack(llava_json.inputs, str(tmp_path / "out"), "--workers", "2") == 1
     assert "worker process died" in capsys.readouterr().err
 
@@ -620,12 +620,11 @@ def test_a_pack_killed_at_any_point_leaves_a_whole_dataset_and_the_next_run_clea
 @pytest.mark.parametrize("full_in", ["shards", "manifest"])
 @pytest.mark.parametrize("old_pack", [False, True], ids=["empty", "old-pack"])
 def test_a_full_disk_leaves_the_folder_as_it_was(llava_jsonl, tmp_path, monkeypatch, capsys, full_in, old_pack):
-    import pack_shards
-    from vlmstream import format as F, writer as W
+    from vlmstream.dataset import build, output, format as F, writer as W
 
     def disk(room):
         d = FullDisk(room)
-        for module in (pack_shards, F, W):
+        for module in (build, output, F, W):
             monkeypatch.setattr(module, "open", d.open, raising=False)
         return d
 
@@ -646,7 +645,7 @@ def test_a_full_disk_leaves_the_folder_as_it_was(llava_jsonl, tmp_path, monkeypa
 
 
 def test_ctrl_c_leaves_the_folder_as_it_was(llava_jsonl, tmp_path, monkeypatch, capsys):
-    from vlmstream.writer import ShardWriter
+    from vlmstream.dataset.writer import ShardWriter
 
     out = str(tmp_path / "out")
     assert run_pack(llava_jsonl.inputs, out, "--maxcount", "10") == 0
@@ -720,3 +719,13 @@ def test_jobs_over_a_single_job_pack_replace_it_at_the_merge(llava_jsonl, tmp_pa
     assert tar_names(out) == manifest_shards(out) and not set(old) & set(manifest_shards(out))
     assert "rejects.jsonl" not in os.listdir(out)  # the single-job pack's, gone with it
     check_samples(read_pack(out), llava_jsonl)
+
+
+def test_vlmstream_pack_and_the_tool_write_the_same_bytes(llava_json, tmp_path):
+    from vlmstream.cli.main import main as vlmstream_main
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run_pack(llava_json.inputs, a, "--maxcount", "7", "--shuffle", "--seed", "3") == 0
+    assert vlmstream_main(["pack", *llava_json.inputs, "--output", b, "--maxcount", "7", "--shuffle", "--seed", "3",
+                           "--workers", "1"]) == 0
+    assert shard_bytes(a) == shard_bytes(b) and len(shard_bytes(a)) > 3

@@ -8,13 +8,14 @@ VERBS = ["Pipeline", "shards", "split_by_node", "split_by_worker", "fetch", "tar
 
 
 def test_verbs_stay_verbs_after_their_modules_are_imported():
-    code = ("import vlmstream as vs, vlmstream.pack, vlmstream.tokenize, vlmstream.batch, vlmstream.decode, "
-            "vlmstream.shuffle, vlmstream.fetch\n"
+    code = ("import vlmstream as vs, vlmstream.stages.pack, vlmstream.stages.tokenize, vlmstream.stages.batch, "
+            "vlmstream.stages.decode, vlmstream.stages.shuffle, vlmstream.stages.fetch\n"
             f"bad = [n for n in {VERBS!r} if not callable(getattr(vs, n)) or isinstance(getattr(vs, n), type(vs))]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_the_format_and_pack_tool_modules_do_not_load_torch():
-    code = "import sys, vlmstream.format, vlmstream.records, vlmstream.writer; assert 'torch' not in sys.modules"
+    code = ("import sys, vlmstream.dataset.format, vlmstream.dataset.records, vlmstream.dataset.writer, "
+            "vlmstream.dataset.build; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,9 +8,9 @@ import torch
 
 import vlmstream as vs
 from servers import Nginx
-from vlmstream.format import write_manifest
-from vlmstream.pipeline import Context
-from vlmstream.writer import ShardWriter
+from vlmstream.dataset.format import write_manifest
+from vlmstream.core.stage import Context
+from vlmstream.dataset.writer import ShardWriter
 
 # 11 shards of uneven sizes: 5..15 samples
 COUNTS = [5 + (i * 7) % 11 for i in range(11)]

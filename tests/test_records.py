@@ -14,8 +14,8 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 from conftest import SCHEMA_CASES, Case
-from vlmstream import records as R
-from vlmstream.format import FormatError
+from vlmstream.dataset import records as R
+from vlmstream.errors import FormatError
 
 
 def _png(size=(8, 8), mode="RGB", **save) -> bytes:
@@ -393,7 +393,7 @@ def test_shrink_applies_the_exif_orientation():
 
 
 def _record(messages, images, **kw):
-    from vlmstream.format import Conversation
+    from vlmstream.dataset.format import Conversation
 
     return R.Record("in.json", 4, None, Conversation(messages, [], {"source": "in.json", "position": 4}), images, **kw)
 

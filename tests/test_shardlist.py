@@ -8,9 +8,10 @@ import pytest
 
 import vlmstream as vs
 from servers import Nginx, fault_server
-from vlmstream.format import FormatError, ShardInfo, manifest_json, write_manifest
-from vlmstream.pipeline import Context
-from vlmstream.shardlist import _from_manifest, resolve
+from vlmstream.dataset.format import ShardInfo, manifest_json, write_manifest
+from vlmstream.errors import FormatError
+from vlmstream.core.stage import Context
+from vlmstream.stages.shards import _from_manifest, resolve
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +74,17 @@ def test_items_carry_counts_and_epoch_order(folder):
     e0 = list(src())
     src.bind(Context(epoch=1))
     e1 = list(src())
-    assert sorted(i["shard"] for i in e0) == list(range(5)) and [i["shard"] for i in e0] != [i["shard"] for i in e1]
-    assert {i["samples"] for i in e0} == {10, 11, 12, 13, 14} and e0[0]["num_shards"] == 5
+    assert sorted(i.shard for i in e0) == list(range(5)) and [i.shard for i in e0] != [i.shard for i in e1]
+    assert {i.samples for i in e0} == {10, 11, 12, 13, 14} and e0[0].num_shards == 5
     plain = vs.shards(str(folder / "sub" / "index.json"), shuffle=False)
-    assert [i["shard"] for i in plain()] == list(range(5))
+    assert [i.shard for i in plain()] == list(range(5))
 
 
 def test_the_list_travels_with_the_pipeline_into_workers(folder, monkeypatch):
     import pickle
 
     src = vs.shards(str(folder / "sub" / "index.json"))
-    monkeypatch.setattr("vlmstream.shardlist.resolve", lambda *a, **k: pytest.fail("workers must not list again"))
+    monkeypatch.setattr("vlmstream.stages.shards.resolve", lambda *a, **k: pytest.fail("workers must not list again"))
     copy = pickle.loads(pickle.dumps(src))
     assert [s.url for s in copy.specs] == [s.url for s in src.specs]
 

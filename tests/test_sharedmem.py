@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vlmstream as vs
-from vlmstream.sharedmem import KEEP_FREE, SHM_KEY, Returns, SegmentPool, find_tensors, put
+from vlmstream.core.sharedmem import KEEP_FREE, Returns, SHM_KEY, SegmentPool, find_tensors, put
 
 
 def test_pack_puts_every_tensor_of_a_batch_in_one_segment_and_leaves_metadata_alone():
@@ -224,7 +224,7 @@ def test_loader_recycles_segments_and_never_overwrites_a_batch_the_user_keeps(mo
         made.append(real(*a, **k))
         return made[-1]
 
-    monkeypatch.setattr("vlmstream.loader.Returns", spy)
+    monkeypatch.setattr("vlmstream.core.loader.Returns", spy)
     kept, view, kept_i, seen = None, None, -1, []
     for b in vs.Loader(_batches(60), num_workers=2):
         assert "__shm__" not in b

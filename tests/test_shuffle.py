@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 import vlmstream as vs
-from vlmstream.pipeline import Context
-from vlmstream.shuffle import buffer_shuffle
+from vlmstream.core.stage import Context
+from vlmstream.stages.shuffle import buffer_shuffle
 
 
 @given(st.integers(0, 300), st.integers(1, 50), st.data())

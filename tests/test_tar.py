@@ -16,7 +16,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from vlmstream.tar import TarError, iter_members, read_tar_samples, split_key, tar_samples
+from vlmstream.errors import TarError
+
+from vlmstream.io.tar import iter_members, read_tar_samples, split_key
+
+from vlmstream.stages.read import tar_samples
 
 URL = "mem://shard.tar"
 PROVENANCE = ("__offset__", "__index__")

@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 from PIL import Image
 
 import vlmstream as vs
-from vlmstream.tiles import cut_tiles, num_tiles, tiled_size
+from vlmstream.stages.tiles import cut_tiles, num_tiles, tiled_size
 
 
 @given(st.integers(1, 5000), st.integers(1, 5000), st.sampled_from([32, 256, 512]), st.integers(1, 8), st.booleans())

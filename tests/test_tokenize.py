@@ -7,9 +7,9 @@ import torch
 
 import vlmstream as vs
 from vlm_data import chat_tokenizer, easyvqa_conversations
-from vlmstream.format import FormatError
-from vlmstream.tiles import num_tiles
-from vlmstream.tokenize import IGNORE, labels_from, truncate
+from vlmstream.errors import FormatError
+from vlmstream.stages.tiles import num_tiles
+from vlmstream.stages.tokenize import IGNORE, labels_from, truncate
 
 MSGS = [
     {"role": "system", "content": "Answer in one word."},
@@ -89,7 +89,7 @@ def sample_of(msgs, tiles, key="k"):
 
 
 def test_stage_drops_or_truncates_and_counts(tok):
-    from vlmstream.tiles import Tiles
+    from vlmstream.stages.tiles import Tiles
 
     t = Tiles(torch.zeros(1, 3, 4, 4), (1, 1))
     long = [{"role": "user", "content": "<image>\nq"}, {"role": "assistant", "content": "answer " * 200}]

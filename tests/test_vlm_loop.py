@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 import vlmstream as vs
 from vlm_data import chat_tokenizer, write_easyvqa_shards
-from vlmstream.tiles import num_tiles
-from vlmstream.tokenize import IGNORE
+from vlmstream.stages.tiles import num_tiles
+from vlmstream.stages.tokenize import IGNORE
 
 TILE, MAX_SIDE, RUN = 32, 64, 64
 

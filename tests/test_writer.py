@@ -12,8 +12,8 @@ import tarfile
 import pytest
 
 from conftest import FullDisk, Vqa
-from vlmstream.format import Conversation, ShardInfo, sample_key, sample_members, write_manifest
-from vlmstream.writer import ShardWriter, closed_size, sample_bytes, tar_member
+from vlmstream.dataset.format import Conversation, ShardInfo, sample_key, sample_members, write_manifest
+from vlmstream.dataset.writer import ShardWriter, closed_size, sample_bytes, tar_member
 
 
 def _samples(vqa: Vqa, n: int = 20):
@@ -146,7 +146,7 @@ def test_an_error_drops_only_the_unfinished_shard(vqa, tmp_path):
 def test_a_full_disk_leaves_no_temporary_file(vqa, tmp_path, monkeypatch):
     """Writing fails with ENOSPC midway through the second shard; closing the file then fails too (its buffer
     cannot be flushed), and the temporary file must still go: only the finished shard stays."""
-    from vlmstream import writer
+    from vlmstream.dataset import writer
 
     samples = _samples(vqa, 8)
     one_shard = closed_size(sum(len(sample_bytes(*s)) for s in samples[:4]))
@@ -158,7 +158,7 @@ def test_a_full_disk_leaves_no_temporary_file(vqa, tmp_path, monkeypatch):
 
 
 def test_write_manifest_on_a_full_disk_keeps_the_old_one(tmp_path, monkeypatch):
-    from vlmstream import format as F
+    from vlmstream.dataset import format as F
 
     path = str(tmp_path / "index.json")
     write_manifest(path, [ShardInfo("a.tar", 1, 10240, "0" * 64)])

@@ -7,7 +7,7 @@ import io
 
 import easy_vqa
 
-from vlmstream.tokenize import ChatTokenizer, train_bpe
+from vlmstream.stages.tokenize import ChatTokenizer, train_bpe
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,8 +45,8 @@ def write_easyvqa_shards(root: str, n_images: int = 40, maxcount: int = 10) -> s
     import json
     import os
 
-    from vlmstream.format import write_manifest
-    from vlmstream.writer import ShardWriter
+    from vlmstream.dataset.format import write_manifest
+    from vlmstream.dataset.writer import ShardWriter
 
     w = ShardWriter(root, maxcount=maxcount)
     for i, (msgs, png) in enumerate(easyvqa_conversations(n_images)):

@@ -30,8 +30,8 @@ import torch  # noqa: E402
 
 import vlmstream as vs  # noqa: E402
 from bench_tar import build_corpus  # noqa: E402
-from vlmstream.decode import open_image  # noqa: E402
-from vlmstream.tar import read_tar_samples  # noqa: E402
+from vlmstream.stages.decode import open_image# noqa: E402
+from vlmstream.io.tar import read_tar_samples# noqa: E402
 
 
 def main() -> None:

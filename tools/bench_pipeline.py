@@ -63,10 +63,10 @@ import torch  # noqa: E402
 import vlmstream as vs  # noqa: E402
 from bench_tar import build_corpus  # noqa: E402
 from loopback_nginx import LoopbackNginx, Request  # noqa: E402  (tools/loopback_nginx.py)
-from vlmstream.decode import open_image  # noqa: E402
-from vlmstream.format import ShardInfo, write_manifest  # noqa: E402
-from vlmstream.pipeline import Context  # noqa: E402
-from vlmstream.tar import read_tar_samples  # noqa: E402
+from vlmstream.stages.decode import open_image# noqa: E402
+from vlmstream.dataset.format import ShardInfo, write_manifest# noqa: E402
+from vlmstream.core.stage import Context# noqa: E402
+from vlmstream.io.tar import read_tar_samples# noqa: E402
 
 IMAGE_KEY = "0.jpg"
 CONTENDERS = ("vlmstream", "webdataset", "vlmstream_no_ipc", "limit", "limit_full", "webdataset_vsresize")

@@ -41,8 +41,8 @@ ROOT = os.path.dirname(TOOLS)
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, ROOT)
 
-from vlmstream.benchmark import machine, machine_line, overhead_figures  # noqa: E402
-from vlmstream.progress import bar  # noqa: E402
+from vlmstream.cli.bench import machine, machine_line, overhead_figures# noqa: E402
+from vlmstream.progress import bar# noqa: E402
 
 SECTIONS = ("tar", "224", "vlm", "startup", "memory", "overhead")
 MARK = "<!-- vlmstream-bench:{} -->"
@@ -116,7 +116,7 @@ def write_parquet(paths: list[str], image_key: str = "0.jpg") -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vlmstream.tar import read_tar_samples
+    from vlmstream.io.tar import read_tar_samples
 
     folder = os.path.dirname(paths[0]) + "-parquet"
     os.makedirs(folder, exist_ok=True)
@@ -847,7 +847,7 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from vlmstream.benchmark import add_arguments
+    from vlmstream.cli.bench import add_arguments
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)

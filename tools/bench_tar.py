@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vlmstream.tar import tar_samples  # noqa: E402
+from vlmstream.stages.read import tar_samples# noqa: E402
 
 TARGET_JPEG_BYTES = 60_000
 SIZE = (640, 480)

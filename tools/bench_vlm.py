@@ -60,11 +60,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import vlmstream as vs  # noqa: E402
-import vlmstream.loader  # noqa: E402,F401  (all modules loaded now: edits to the tree mid-run cannot mix versions)
+import vlmstream.core.loader  # noqa: E402,F401  (all modules loaded now: edits to the tree mid-run cannot mix versions)
 from bench_tar import _jpeg, _photos  # noqa: E402  (the photo generator of the tar benchmark)
-from vlmstream.format import Conversation, sample_key, sample_members, write_manifest  # noqa: E402
-from vlmstream.tokenize import ChatTokenizer, train_bpe  # noqa: E402
-from vlmstream.writer import ShardWriter, sample_bytes  # noqa: E402
+from vlmstream.dataset.format import Conversation, sample_key, sample_members, write_manifest# noqa: E402
+from vlmstream.stages.tokenize import ChatTokenizer, train_bpe# noqa: E402
+from vlmstream.dataset.writer import ShardWriter, sample_bytes# noqa: E402
 
 SEQ_LEN, MAX_IMAGES, BATCH, TILE, MAX_SIDE, RUN = 4096, 18, 8, 512, 1024, 64
 STAGES = ("source", "tar_samples", "decode", "tokenize", "pack", "batch")  # source: shards, splits, fetch
@@ -257,7 +257,7 @@ def decode_breakdown(index: str, tok: ChatTokenizer, output: str, n: int) -> dic
     The same calls as ``decode(ImageTiles(...))`` makes (vlmstream.tiles), timed apart; their sum should come
     close to the decode stage's own time.
     """
-    from vlmstream.decode import open_image
+    from vlmstream.stages.decode import open_image
 
     tiles = vs.ImageTiles(tile=TILE, max_side=MAX_SIDE, output=output)
     raw = []
@@ -297,7 +297,7 @@ def pack_fill_by_buffer(index: str, tok: ChatTokenizer, output: str, buffers: li
 
     from PIL import Image
 
-    from vlmstream.tiles import Tiles, grid_of, num_tiles
+    from vlmstream.stages.tiles import Tiles, grid_of, num_tiles
 
     tiles, tk = vs.ImageTiles(tile=TILE, max_side=MAX_SIDE), vs.tokenize(tok, max_len=SEQ_LEN)
     toks, nbytes = [], []

@@ -66,7 +66,7 @@ def prepare(root: str, *, maxcount: int = 250, vocab_size: int = 600, questions_
             train_images: int | None = None, test_images: int | None = None, workers: int = 2,
             quiet: bool = False) -> dict:
     """Pack both splits and train the tokenizer under `root`; returns info.json's content."""
-    from vlmstream.tokenize import train_bpe
+    from vlmstream.stages.tokenize import train_bpe
 
     settings = {"maxcount": maxcount, "vocab_size": vocab_size, "questions_per_record": questions_per_record,
                 "train_images": train_images,

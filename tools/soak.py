@@ -68,9 +68,9 @@ def build(root: str, shards: int, per_shard: int) -> tuple[int, set[str]]:
         return total, bad
     from PIL import Image, ImageDraw
 
-    from vlmstream.format import write_manifest
-    from vlmstream.tokenize import train_bpe
-    from vlmstream.writer import ShardWriter
+    from vlmstream.dataset.format import write_manifest
+    from vlmstream.stages.tokenize import train_bpe
+    from vlmstream.dataset.writer import ShardWriter
     os.makedirs(root, exist_ok=True)
     rng = random.Random(0)
     pool = []
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     total, bad = build(root, args.shards, args.per_shard)
 
     import vlmstream as vs
-    from vlmstream.fetch import FetchOptions
+    from vlmstream.io.http import FetchOptions
 
     tok = vs.ChatTokenizer.from_file(os.path.join(root, "tokenizer.json"), image_token_length=16)
     opts = FetchOptions(read_timeout=1.0, retries=10, backoff=0.01, max_backoff=0.1)

@@ -11,27 +11,27 @@ Names are imported on first use, so that tools needing only the format (the pack
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 # public name -> module that defines it
 _EXPORTS = {
-    "batch": "batch", "default_collate": "batch", "vlm_collate": "batch",
-    "DecodeError": "decode", "Resize": "decode", "decode": "decode", "open_image": "decode",
-    "FetchError": "fetch", "FetchOptions": "fetch", "fetch": "fetch", "open_url": "fetch",
-    "Conversation": "format", "FormatError": "format", "ShardInfo": "format", "conversation_from_sample": "format",
-    "Loader": "loader",
+    "Context": "core.stage", "ShardTask": "core.stage", "OpenShard": "core.stage",
+    "Pipeline": "core.pipeline", "Loader": "core.loader",
+    "DecodeError": "errors", "FetchError": "errors", "FormatError": "errors", "TarError": "errors",
+    "FetchOptions": "io.http", "open_url": "io.urls", "read_tar_samples": "io.tar",
+    "shards": "stages.shards",
+    "split_by_node": "stages.split", "split_by_worker": "stages.split", "take": "stages.split",
+    "Stream": "stages.mix", "mix": "stages.mix",
+    "fetch": "stages.fetch",
+    "tar_samples": "stages.read",
+    "shuffle": "stages.shuffle",
+    "Resize": "stages.decode", "decode": "stages.decode", "open_image": "stages.decode",
+    "ImageTiles": "stages.tiles", "Tiles": "stages.tiles", "to_unit_float": "stages.tiles",
+    "ChatTemplate": "stages.tokenize", "ChatTokenizer": "stages.tokenize", "tokenize": "stages.tokenize",
+    "pack": "stages.pack",
+    "batch": "stages.batch", "default_collate": "stages.batch", "vlm_collate": "stages.batch",
+    "Conversation": "dataset.format", "ShardInfo": "dataset.format", "conversation_from_sample": "dataset.format",
     "from_config": "config",
-    "Stream": "mix", "mix": "mix",
-    "pack": "pack",
-    "Context": "pipeline", "Pipeline": "pipeline",
-    "shards": "shardlist",
-    "shuffle": "shuffle",
-    "split_by_node": "split", "split_by_worker": "split", "take": "split",
-    "TarError": "tar", "read_tar_samples": "tar", "tar_samples": "tar",
-    "ImageTiles": "tiles", "Tiles": "tiles", "to_unit_float": "tiles",
-    "ChatTemplate": "tokenize", "ChatTokenizer": "tokenize", "tokenize": "tokenize",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
@@ -48,15 +48,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Importing a submodule binds it on the package. Where a public verb shares its module's name
-        # (vs.batch lives in vlmstream/batch.py), the verb must win: leave the binding to __getattr__.
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

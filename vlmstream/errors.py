@@ -9,8 +9,9 @@ One mechanism for every stage that meets bad input (`fetch`, `tar_samples`, `dec
   ``unknown_losses`` (shards cut short whose sample count is not known) and ``errors`` (the last messages).
 - ``"warn"``: as "skip", plus one WARNING line on the ``vlmstream`` logger naming shard, key and reason.
 
-docs/ERRORS.md describes the policies, the reasons and the security rules. This module imports only the
-standard library (the pack tool uses the format errors without torch).
+The exceptions every layer raises live here too, each with the ``reason`` a skip is counted under. docs/ERRORS.md
+describes the policies, the reasons and the security rules. This module imports only the standard library (the
+pack tool uses the format errors without torch).
 """
 
 from __future__ import annotations
@@ -87,6 +88,32 @@ class Reasoned:
             self.reason = reason  # an instance attribute: survives pickling (DataLoader workers)
 
 
+class FormatError(Reasoned, ValueError):
+    """A sample, record or manifest that breaks the format; the message says what and where, ``reason`` the
+    short key it is counted under when skipped (e.g. "placeholder_mismatch", "invalid_json")."""
+
+
+class TarError(FormatError):
+    """A shard that is not a readable tar (or breaks the grouping rules); the message names URL, offset, reason.
+    ``reason`` "changed": the shard no longer holds what a checkpoint recorded (never skipped)."""
+
+
+class FetchError(Reasoned, IOError):
+    """A shard could not be read; the message names the (redacted) URL and what happened.
+
+    ``reason``: "retries_exhausted", "http_error" (a status that is not retried), "changed" (ETag), "bad_range",
+    "redirects", "redirect_refused" (to a scheme other than http(s)), "bad_url" (cannot be a request),
+    "bad_response" (an answer http.client cannot read), "bad_certificate", "not_found", "io_error",
+    "checksum" (a shard read into the cache does not match the manifest), "cancelled" (its reader closed it
+    while a retry waited), or "pipe_refused" (never skipped: a set-up error).
+    """
+
+
+class DecodeError(Reasoned, ValueError):
+    """A member could not be decoded; the message names shard, key, member and reason. ``reason``:
+    "corrupt_image", "decompression_bomb", "invalid_json", "invalid_utf8", "unpickle_failed", "decode_failed"."""
+
+
 def reason_of(exc: BaseException, default: str = "error") -> str:
     return getattr(exc, "reason", None) or default
 
@@ -128,5 +155,5 @@ def handle(policy: str, exc: BaseException, stats: ErrorCounts, stage: str, lost
         log.warning("%s skipped (%s): %s", stage, reason, message)
 
 
-__all__ = ["ErrorCounts", "POLICIES", "Reasoned", "check_policy", "handle", "log", "reason_of", "redact",
-           "redact_spec", "redact_text"]
+__all__ = ["DecodeError", "ErrorCounts", "FetchError", "FormatError", "POLICIES", "Reasoned", "TarError",
+           "check_policy", "handle", "log", "reason_of", "redact", "redact_spec", "redact_text"]

@@ -16,8 +16,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from tokenizers import AddedToken, Tokenizer
 
-from .errors import ErrorCounts, check_policy, handle, redact
-from .format import IMAGE_PLACEHOLDER, FormatError, conversation_from_sample
+from ..dataset.format import IMAGE_PLACEHOLDER, conversation_from_sample
+from ..errors import ErrorCounts, FormatError, check_policy, handle, redact
 from .tiles import Tiles, num_tiles
 
 IGNORE = -100

@@ -10,19 +10,53 @@ workers), the samples of the epoch not yet delivered are re-planned over the new
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 from time import perf_counter
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch.utils.data
 
-from .checkpoint import (STATE_VERSION, ShardIndex, check_cursor, decode_plan, decode_refs, encode_plan, fingerprint,
-                         seal, unseal)
-from .pipeline import Context, Pipeline, distributed_rank_world, ref_items
-from .sharedmem import Returns
-from .split import SlotCursor, resume_items
-from .tar import TarSamples
+from .checkpoint import (STATE_VERSION, SlotResume, check_loader_state, encode_plan, fingerprint, remaining_tasks, seal,
+                         slot_state)
+from .pipeline import Pipeline
+from .sharedmem import Returns, SegmentPool
+from .stage import MIXER, ShardTask, find_role
+from .telemetry import Report, gather_ranks, merge
+
+
+class _Workers(torch.utils.data.IterableDataset):
+    """What each DataLoader worker runs: its slot of the pipeline, resumed where the Loader says, each batch sent
+    with the slot's state after it (and the telemetry counters), then an end marker; batches leave through
+    shared memory (core/sharedmem.py), the segments coming back through ``returns``."""
+
+    def __init__(self, pipeline: Pipeline, states: Mapping[int, Any], plan: Sequence[ShardTask] | None,
+                 returns: list | None):
+        self.pipeline, self.states, self.plan, self.returns = pipeline, states, plan, returns
+
+    def __iter__(self) -> Iterator[Any]:
+        p = self.pipeline
+        ctx = p.context()
+        state = self.states.get(ctx.worker)
+        resume = SlotResume(state, self.plan) if state is not None or self.plan is not None else None
+        pool = SegmentPool(self.returns[ctx.worker] if self.returns else None)
+        it = p.iterate(ctx, resume, memory=pool if pool.returns else None)
+        return pool.ship(self._with_states(it, ctx))
+
+    def _with_states(self, it: Iterator[Any], ctx: Any) -> Iterator[Any]:
+        for x in it:
+            if not isinstance(x, dict):
+                raise TypeError(f"a checkpointed pipeline yields dicts (batches), got {type(x).__name__}")
+            yield {**x, **self._snapshot(ctx)}
+        yield {"__worker_done__": True, **self._snapshot(ctx)}
+
+    def _snapshot(self, ctx: Any) -> dict[str, Any]:
+        p, tel = self.pipeline, self.pipeline._telemetry
+        if tel is None:
+            return {"__state__": slot_state(p, ctx), "__worker__": ctx.worker}
+        t0 = perf_counter()
+        state = slot_state(p, ctx)
+        tel.state_s += perf_counter() - t0
+        return {"__state__": state, "__worker__": ctx.worker, "__stats__": tel.snapshot(p.stages)}
 
 
 class Loader:
@@ -43,13 +77,13 @@ class Loader:
                        **dataloader_kwargs}
         self.kwargs.setdefault("persistent_workers", False)
         self._fresh_epoch()
-        self._resume: dict[str, Any] | None = None
+        self._resume: dict[int, Any] = {}  # worker -> the state it resumes from, for the next pass only
         self._worker_stats: dict[int, Any] = {}  # worker -> its latest telemetry snapshot (this iteration)
         self._times: dict[str, Any] = {}  # the training process's side of the telemetry
         self._fingerprint: str | None = None  # of the pipeline's shard lists, for checkpoints
 
     def _fresh_epoch(self) -> None:
-        self.plan: list[dict[str, Any]] | None = None  # the rest of an epoch resumed on another topology
+        self.plan: list[ShardTask] | None = None  # the rest of an epoch resumed on another topology
         self.states: dict[int, Any] = {}  # worker -> state after the last batch delivered from it
         self.done: set[int] = set()  # workers whose stream ended
         self.next_worker = 0
@@ -63,33 +97,25 @@ class Loader:
         self.epoch = epoch
         self._fresh_epoch()
 
-    def _where(self) -> tuple[int, int]:
-        p = self.pipeline
-        if p.rank is None or p.world_size is None:
-            p.rank, p.world_size = distributed_rank_world()
-        return p.rank, p.world_size
-
     def __iter__(self) -> Iterator[Any]:
-        rank, world = self._where()
         p = self.pipeline
+        p.where()  # once, here in the training process; the workers get it with the pipeline
         p.set_epoch(self.epoch)
-        p.snapshots = True
-        p.resume = self._resume or {}
-        self._resume = None
+        resume, self._resume = self._resume, {}
         self._worker_stats, times = {}, _LoaderTimes(self.slots)
         self._times = times.__dict__
         # Batches leave the workers in shared-memory segments that come back to them when freed (sharedmem.py);
         # not when pinning (the pinned copy is what the user gets) nor with persistent workers.
         recycle = self.num_workers and not self.kwargs["pin_memory"] and not self.kwargs["persistent_workers"]
         returns = Returns(self.num_workers, self.kwargs.get("multiprocessing_context")) if recycle else None
-        p.returns = returns.readers if returns else None
-        dl = torch.utils.data.DataLoader(p, batch_size=None, num_workers=self.num_workers, **self.kwargs)
+        workers = _Workers(p, resume, self.plan, returns.readers if returns else None)
+        dl = torch.utils.data.DataLoader(workers, batch_size=None, num_workers=self.num_workers, **self.kwargs)
         queues: dict[int, deque] = {w: deque() for w in range(self.slots)}
         try:
             batches = iter(dl)  # starts the workers, which took their ends of the return pipes with them
             if returns is not None:
                 returns.close_readers()
-                p.returns = None
+                workers.returns = None
             for x in times.timed(batches):
                 w = x.pop("__worker__")
                 if returns is not None:
@@ -101,7 +127,6 @@ class Loader:
                 yield from self._in_order(queues)
             yield from self._in_order(queues)
         finally:
-            p.resume, p.returns = {}, None
             times.stop()
         if len(self.done) < self.slots:
             raise RuntimeError(f"workers {sorted(set(range(self.slots)) - self.done)} ended without their end marker")
@@ -128,10 +153,8 @@ class Loader:
 
     def stats(self, all_ranks: bool = False) -> Any:
         """Per-stage telemetry of the current (or last) pass, merged over the DataLoader workers: a
-        `vlmstream.telemetry.Report` (``.summary()``: one line naming the bottleneck; ``.table()``).
-        ``all_ranks=True`` merges every rank's too (a collective under torch.distributed: call it on all ranks)."""
-        from .telemetry import Report, gather_ranks, merge
-
+        `Report` (``.summary()``: one line naming the bottleneck; ``.table()``). ``all_ranks=True`` merges
+        every rank's too (a collective under torch.distributed: call it on all ranks)."""
         raw = merge(self._worker_stats[w] for w in sorted(self._worker_stats))
         if raw is not None:
             raw["loader"] = _LoaderTimes.public(self._times)
@@ -142,8 +165,8 @@ class Loader:
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything that decides what comes next: JSON-serialisable; keep it beside the model checkpoint.
-        It names the data it was taken on and carries a digest over itself (vlmstream/checkpoint.py)."""
-        rank, world = self._where()
+        It names the data it was taken on and carries a digest over itself (core/checkpoint.py)."""
+        rank, world = self.pipeline.where()
         if self._fingerprint is None:
             self._fingerprint = fingerprint(self.pipeline)
         return seal({
@@ -166,10 +189,10 @@ class Loader:
 
         Each state is checked before it is used: its digest, the data it was taken on, and every place it
         points at; a state that does not fit is refused with the reason."""
-        checked = [_checked(s, self.pipeline) for s in ([state] if isinstance(state, Mapping) else list(state))]
+        checked = [check_loader_state(s, self.pipeline) for s in ([state] if isinstance(state, Mapping) else list(state))]
         states = [s for s, _ in checked]
         plan = checked[0][1]
-        rank, world = self._where()
+        rank, world = self.pipeline.where()
         first = states[0]
         self.epoch = first["epoch"]
         self._fresh_epoch()
@@ -182,9 +205,9 @@ class Loader:
             self.states = {int(w): v for w, v in s["workers"].items()}
             self.done, self.next_worker, self.delivered = set(s["done"]), s["next_worker"], s["delivered"]
             self.plan = plan
-            self._resume = {"states": dict(self.states), "plan": plan}
+            self._resume = dict(self.states)
             return
-        if any(hasattr(stage, "streams") for stage in self.pipeline.stages):
+        if find_role(self.pipeline.stages, MIXER) is not None:
             raise ValueError("a mixed pipeline (vs.mix) resumes on the same topology only: keep the world size "
                              f"({first['world_size']}) and workers ({first['num_workers']}) for the rest of this epoch")
         ranks = sorted(s["rank"] for s in states)
@@ -194,66 +217,8 @@ class Loader:
             raise ValueError(f"resuming on another topology needs the states of all {first['world_size']} ranks "
                              f"of the saved run, in one epoch; got ranks {ranks}")
         # What is left of the epoch; the split stages share it out over this run's ranks and workers.
-        self.plan = remaining_items(self.pipeline, states, plan)
-        self._resume = {"plan": self.plan}
-
-
-def _checked(state: Mapping[str, Any], pipe: Pipeline) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
-    """A loader state whose digest, data and topology fields hold, and whose slots fit this pipeline's shards;
-    with the plan it was running (None: the epoch's own order)."""
-    if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
-        found = state.get("version") if isinstance(state, Mapping) else type(state).__name__
-        raise ValueError(f"loader state version {found!r}; this vlmstream reads {STATE_VERSION}")
-    state = unseal(state)
-    if state.get("data") != fingerprint(pipe):
-        raise ValueError("checkpoint: the state was taken on another shard list (shards reordered, added, removed "
-                         "or repacked since): resuming it here would deliver wrong samples. Resume on the same data "
-                         "(an hf:// branch that moved: name the commit), or start the epoch afresh")
-    try:
-        world, workers, rank = state["world_size"], state["num_workers"], state["rank"]
-        slots = max(1, workers)
-        ok = (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world
-              and isinstance(workers, int) and workers >= 0 and isinstance(state["epoch"], int) and state["epoch"] >= 0
-              and state["next_worker"] in range(slots) and set(state["done"]) <= set(range(slots))
-              and {int(w) for w in state["workers"]} <= set(range(slots)))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"checkpoint: malformed loader state ({type(e).__name__}: {e})") from None
-    if not ok:
-        raise ValueError(f"checkpoint: loader state fields out of range: rank {rank} of {world}, {workers} workers, "
-                         f"next worker {state['next_worker']}, done {state['done']}")
-    shards = ShardIndex(pipe)
-    plan = decode_plan(state["plan"], pipe.stages[0], shards) if "plan" in state else None
-    for w, slot in state["workers"].items():
-        ctx = Context(rank, world, int(w), slots, pipe.seed, state["epoch"])
-        check_slot(pipe, slot, ctx, shards, plan=plan)
-    return state, plan
-
-
-def check_slot(pipe: Pipeline, slot: Any, ctx: Context, shards: ShardIndex, stream: str | None = None,
-               plan: list[dict[str, Any]] | None = None) -> None:
-    """A slot's state against the slot it claims to be and the shards that slot holds (no I/O)."""
-    where = f"slot rank {ctx.rank} worker {ctx.worker}" + ("" if stream is None else f" of stream {stream!r}")
-    if not isinstance(slot, Mapping) or slot.get("version") != STATE_VERSION or \
-            not isinstance(slot.get("stages"), list) or len(slot["stages"]) != len(pipe.stages):
-        raise ValueError(f"checkpoint: {where}: malformed slot state (or one of another pipeline)")
-    if list(slot.get("slot", [])) != [ctx.rank, ctx.world_size, ctx.worker, ctx.num_workers]:
-        raise ValueError(f"checkpoint: {where}: the state says slot {slot.get('slot')}")
-    ctx = Context(ctx.rank, ctx.world_size, ctx.worker, ctx.num_workers, ctx.seed, slot.get("epoch", ctx.epoch))
-    reader = pipe._reader_index() if any(isinstance(s, TarSamples) for s in pipe.stages) else None
-    for k, (stage, st) in enumerate(zip(pipe.stages, slot["stages"])):
-        if st is None:
-            continue
-        if isinstance(st, Mapping) and "refs" in st:
-            decode_refs(st, shards)  # each reference names its stream: checked against that stream's list
-        if k == reader:
-            check_cursor(st, _slot_items(pipe, ctx, reader, plan), shards, where)
-        if hasattr(stage, "streams") and isinstance(st, Mapping):
-            for name, sub in (st.get("streams") or {}).items():
-                if name not in stage.streams:
-                    raise ValueError(f"checkpoint: {where}: no stream {name!r} in this mix")
-                if sub is not None:  # a stream's samples are its own pipeline's until the mix draws them
-                    sub_pipe = stage.streams[name].pipeline
-                    check_slot(sub_pipe, sub, ctx, ShardIndex(sub_pipe), name)
+        self.plan = remaining_tasks(self.pipeline, states, plan)
+        self._resume = {}
 
 
 def _as_is(batch: Any) -> Any:
@@ -301,53 +266,4 @@ class _LoaderTimes:
                 "first_batch_s": d["first_batch_s"], "workers": d["workers"]}
 
 
-def remaining_items(pipe: Pipeline, states: Sequence[Mapping[str, Any]], plan: list[dict[str, Any]] | None = None
-                    ) -> list[dict[str, Any]]:
-    """The shard items of the saved epoch not yet delivered: unfinished shards from where they stopped, and
-    the samples that sat in buffers, as reference items. Padding and quotas of the old split are dropped.
-    ``plan``: what the saved run read instead of the epoch's order (it was itself resumed on another topology)."""
-    shards = ShardIndex(pipe)  # states hold URLs redacted
-    reader = pipe._reader_index()
-    out: list[dict[str, Any]] = []
-    refs: list[tuple] = []
-    for st in states:
-        workers = st["num_workers"] or 1
-        for w in range(max(1, workers)):
-            slot = st["workers"].get(str(w))
-            ctx = Context(st["rank"], st["world_size"], w, max(1, workers), pipe.seed, st["epoch"])
-            items = _slot_items(pipe, ctx, reader, plan)
-            cursor = SlotCursor(**slot["stages"][reader]) if slot is not None else SlotCursor()
-            left = [{key: v for key, v in item.items() if key not in ("quota", "slot_total", "node_split",
-                                                                     "worker_split")}
-                    for item in items if not item.get("padding")]
-            for item in resume_items(iter(left), cursor):
-                if "skip_through" in item:
-                    item["samples"] = None
-                out.append({**item, "resumed": True})
-            if slot is not None:
-                for st_k in slot["stages"]:
-                    if isinstance(st_k, dict) and "refs" in st_k:
-                        refs += decode_refs(st_k, shards)
-    out += [{**item, "resumed": True} for item in sorted(ref_items(refs), key=lambda i: i["url"])]
-    return out
-
-
-def _slot_items(pipe: Pipeline, ctx: Context, reader: int, plan: list[dict[str, Any]] | None = None
-                ) -> list[dict[str, Any]]:
-    """The shard items a slot of the saved run held: its list stages run again (no I/O: lists are resolved),
-    on the plan it read instead of the source's epoch order where there was one."""
-    opener = pipe._opener_index()
-    stop = opener if opener >= 0 else reader
-    it: Iterator[Any] = iter(())
-    for k, stage in enumerate(pipe.stages[:stop]):
-        if k == 0 and plan is not None:
-            it = iter([dict(item) for item in plan])
-            continue
-        stage = copy.copy(stage)
-        if hasattr(stage, "bind"):
-            stage.bind(ctx)
-        it = stage(it)
-    return list(it)
-
-
-__all__ = ["Loader", "remaining_items"]
+__all__ = ["Loader"]

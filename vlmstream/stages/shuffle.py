@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from typing import Any, Iterator
 
-from .pipeline import Context
-from .checkpoint import encode_refs, rng_from, rng_state
+from ..core.checkpoint import encode_refs, rng_from, rng_state
+from ..core.stage import Context
 
 _END = object()
 

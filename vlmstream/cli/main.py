@@ -1,5 +1,6 @@
-"""The `vlmstream` command: ``vlmstream inspect SHARDS`` and ``vlmstream bench [SHARDS | --suite]``.
+"""The `vlmstream` command: ``vlmstream pack``, ``vlmstream inspect SHARDS`` and ``vlmstream bench SHARDS``.
 
+    vlmstream pack llava.json --image-root images/ --output shards/ --maxcount 10000
     vlmstream inspect shards/index.json --sheet sheet.png --tile 512 --max-side 1024 --tokenizer tokenizer.json
     vlmstream inspect "https://host/ds/shard-{000000..000127}.tar" --json
     vlmstream bench shards/index.json --job 224 --workers 4 --out bench-out/
@@ -23,7 +24,7 @@ def load_tokenizer(name: str | None, template: str = "chatml", image_token_lengt
     """A ChatTokenizer from a tokenizer.json path, or from a Hub model id (through huggingface_hub)."""
     if not name:
         return None
-    from .tokenize import ChatTokenizer
+    from ..stages.tokenize import ChatTokenizer
 
     kw = {"template": template, "image_token_length": image_token_length}
     if os.path.exists(name):
@@ -62,7 +63,7 @@ def add_inspect(sub: Any) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from .inspection import SheetLayout, inspect_shards, write_contact_sheet
+    from .inspect import SheetLayout, inspect_shards, write_contact_sheet
 
     tok = load_tokenizer(args.tokenizer, args.template, args.image_token_length)
     spec = _spec(args.shards)
@@ -92,7 +93,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def add_bench(sub: Any) -> None:
-    from .benchmark import add_arguments
+    from .bench import add_arguments
 
     p = sub.add_parser("bench", help="benchmark your shards (or, with --suite, the project's benchmark corpus)",
                        description="On your shards: tar reading alone, the job's stages in one process (per-stage "
@@ -106,15 +107,27 @@ def add_bench(sub: Any) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from .benchmark import main_from_args
+    from .bench import main_from_args
 
     return main_from_args(args)
 
 
+def add_pack(sub: Any) -> None:
+    # `vlmstream pack ...` is handed whole to cli/pack.py's own parser (it has a `merge` form of its own);
+    # this entry only lists it in `vlmstream --help`.
+    sub.add_parser("pack", help="pack image-text records into WebDataset shards with a manifest", add_help=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["pack"]:
+        from .pack import main as pack_main
+
+        return pack_main(argv[1:])
     ap = argparse.ArgumentParser(prog="vlmstream", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{inspect,bench}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{pack,inspect,bench}")
+    add_pack(sub)
     add_inspect(sub)
     add_bench(sub)
     args = ap.parse_args(argv)

@@ -40,7 +40,7 @@ import threading
 import time
 from typing import Any, BinaryIO, Iterator
 
-from .errors import log, redact
+from ..errors import FetchError, log, redact
 
 STALE_PARTIAL_S = 3600.0  # a partial file not written to for this long belongs to a download that is gone
 TRAILER_BYTES = 1 << 20  # left unread by a reader that stopped at the end of the archive, read at close, at most
@@ -328,8 +328,6 @@ class _CacheTee(io.RawIOBase):
         if wrong is not None:
             out.close()
             _remove(self.partial)
-            from .fetch import FetchError  # fetch imports this module
-
             raise FetchError(f"{redact(self.url)}: the shard read does not match the manifest ({wrong}); not cached",
                              reason="checksum")
         try:

@@ -24,12 +24,12 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
+from ..errors import FormatError
 from .format import (
     IMAGE_EXTS,
     IMAGE_PLACEHOLDER,
     META_PROVENANCE,
     Conversation,
-    FormatError,
     image_member,
     sample_key,
     sample_members,

@@ -30,8 +30,11 @@ import math
 import random
 from typing import Any, Iterator, Mapping, Sequence
 
-from .pipeline import Context, Pipeline
-from .split import _known_samples, split_quota
+from ..core.checkpoint import SlotResume, rng_from, rng_state, slot_state
+from ..core.partition import shares
+from ..core.pipeline import Pipeline
+from ..core.stage import MIXER, OPENER, Context, ShardTask, find_role
+from .split import known_samples
 
 FIRST_EXHAUSTED = "first_exhausted"  # the epoch ends when a stream runs out
 ALL_EXHAUSTED = "all_exhausted"  # streams that run out restart until every one has run out once
@@ -55,20 +58,6 @@ def stream_epoch(epoch: int, pass_: int) -> int:
     if not 0 <= epoch < PASS_STRIDE:
         raise ValueError(f"epoch {epoch} out of range [0, 2**32)")
     return epoch + pass_ * PASS_STRIDE
-
-
-def largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
-    """`total` shared in proportion to `weights`, exactly: floors, then the remainder by largest fraction
-    (ties to the lower index). The integer case is `split.split_quota`."""
-    w = sum(weights)
-    if w <= 0:
-        raise ValueError(f"weights {list(weights)} sum to {w}; need a positive sum")
-    exact = [total * x / w for x in weights]
-    shares = [math.floor(q) for q in exact]
-    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))
-    for i in order[: total - sum(shares)]:
-        shares[i] += 1
-    return shares
 
 
 class Stream:
@@ -122,24 +111,22 @@ class Stream:
         return None
 
     def holdings(self, ctx: Context) -> int | None:
-        """How many samples slot `ctx` reads in one pass, from the shard items alone (no I/O): the stages
-        before `fetch` are run and their items' counts summed. None where that cannot be known (no manifest,
-        resampled shards, a source without a `fetch` stage)."""
-        from .fetch import fetch
-
+        """How many samples slot `ctx` reads in one pass, from the shard tasks alone (no I/O): the stages
+        before the opener (`fetch`) are run and their tasks' counts summed. None where that cannot be known (no
+        manifest, resampled shards, a source without an opener)."""
         stages = self.pipeline.stages
-        cut = next((i for i, s in enumerate(stages) if isinstance(s, fetch)), None)
+        cut = find_role(stages, OPENER)
         if not cut:
             return None
-        items: list[dict[str, Any]] = []
+        tasks: list[ShardTask] = []
         # Shallow copies: binding another slot's context must not touch the stages the stream runs with.
-        for item in Pipeline(*map(copy.copy, stages[:cut])).iterate(ctx):
-            if not isinstance(item, Mapping) or item.get("resampled") or item.get("samples") is None:
+        for task in Pipeline(*map(copy.copy, stages[:cut])).iterate(ctx):
+            if not isinstance(task, ShardTask) or task.resampled or task.samples is None:
                 return None
-            items.append(dict(item))
-        if items and "quota" in items[0]:  # equalized ranks: the slot yields exactly its quota
-            return int(items[0]["quota"])
-        return sum(_known_samples(items))
+            tasks.append(task)
+        if tasks and tasks[0].quota is not None:  # equalized ranks: the slot yields exactly its quota
+            return tasks[0].quota
+        return sum(known_samples(tasks))
 
 
 class mix:
@@ -151,6 +138,8 @@ class mix:
     (default: the pipeline's); draws are seeded by (seed, epoch, rank, worker).
     ``stats[epoch]``: per stream, the samples drawn and the passes begun by this slot in that epoch.
     """
+
+    role = MIXER
 
     def __init__(self, streams: Sequence[Stream], *, epoch_size: int | None = None, stop: str = ALL_EXHAUSTED,
                  seed: int | None = None):
@@ -228,7 +217,7 @@ class mix:
             if sum(weights.values()) <= 0:
                 raise ValueError(f"proportions {weights} sum to 0")
             if self.epoch_size is not None:
-                return dict(zip(self.names, largest_remainder(self.epoch_size, list(weights.values())))), None
+                return dict(zip(self.names, shares(self.epoch_size, list(weights.values())))), None
             return None, weights
         # No weights at all: each stream once per epoch, or epoch_size shared in proportion to the sizes.
         sizes = self.sizes
@@ -238,7 +227,7 @@ class mix:
         if unknown:
             raise ValueError(f"epoch_size without weights shares it by stream size, unknown for {unknown}: give "
                              "manifests (index.json) or proportions")
-        return dict(zip(self.names, largest_remainder(self.epoch_size, [float(c) for c in sizes.values()]))), None
+        return dict(zip(self.names, shares(self.epoch_size, [c for c in sizes.values()]))), None
 
     def slot_shares(self, ctx: Context) -> dict[str, int]:
         """This slot's share of each stream's epoch target. Shares follow what each slot holds of the stream
@@ -254,7 +243,7 @@ class mix:
                 held = [self.streams[name].holdings(c) for c in slots]
                 if any(h is None for h in held) or not sum(held):
                     held = None
-            out[name] = split_quota(target, held if held is not None else [1] * len(slots))[ctx.slot]
+            out[name] = shares(target, held if held is not None else [1] * len(slots))[ctx.slot]
         return out
 
     # ---------------------------------------------------------------------------------------------- running
@@ -318,7 +307,7 @@ class mix:
         restored = self._restored.pop(name, None)
         pipe = self.streams[name].pipeline
         if restored is not None and not new_pass:
-            self._iters[name] = iter(pipe.iterate(self._stream_ctx(name), restored))
+            self._iters[name] = iter(pipe.iterate(self._stream_ctx(name), SlotResume(restored)))
         else:
             self._iters[name] = iter(pipe.iterate(self._stream_ctx(name)))
             restored = None
@@ -393,18 +382,17 @@ class mix:
         if name in self._restored:  # restored, not reopened yet
             return self._restored[name]
         pipe = self.streams[name].pipeline
-        if name not in self._iters or not hasattr(pipe, "slot_state"):
+        if name not in self._iters:
             return None
-        return pipe.slot_state(self._stream_ctx(name))
+        return slot_state(pipe, self._stream_ctx(name))
 
     def state_dict(self) -> dict[str, Any]:
         """This slot's position in the epoch, JSON-ready. ``streams`` holds, per stream, its pipeline's slot
         state for the current pass (the reader's cursor), or None."""
-        version, internal, gauss = self.rng.getstate()
         return {
             EPOCH: self.epoch,
             SLOT: [self.ctx.rank, self.ctx.worker],
-            RNG: [version, list(internal), gauss],
+            RNG: rng_state(self.rng),
             TARGETS: None if self.slot_targets is None else dict(self.slot_targets),
             DRAWN: dict(self.drawn),
             PASSES: dict(self.passes),
@@ -417,9 +405,7 @@ class mix:
         names = set(state[DRAWN])
         if names != set(self.names):
             raise ValueError(f"mix state is for streams {sorted(names)}, this mix has {sorted(self.names)}")
-        version, internal, gauss = state[RNG]
-        self.rng = random.Random()
-        self.rng.setstate((version, tuple(internal), gauss))
+        self.rng = rng_from(state[RNG])
         self.epoch = int(state[EPOCH])
         self.slot_targets = None if state[TARGETS] is None else {n: int(state[TARGETS][n]) for n in self.names}
         self.drawn = {n: int(state[DRAWN][n]) for n in self.names}

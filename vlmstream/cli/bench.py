@@ -124,7 +124,7 @@ class PeakRSS(threading.Thread):
 
 def first_image(sample: dict[str, Any]) -> dict[str, Any]:
     """The 224 job's batchable sample: its first image (by member name) and its provenance."""
-    from .format import is_image_ext
+    from ..dataset.format import is_image_ext
 
     names = sorted(k for k in sample if not k.startswith("__") and is_image_ext(k))
     if not names:
@@ -146,7 +146,7 @@ class Job:
         self.batch = args.batch or (32 if self.kind == "224" else 8)
         self.tok = None
         if self.kind == "vlm":
-            from .cli import load_tokenizer
+            from .main import load_tokenizer
 
             if not args.tokenizer:
                 raise SystemExit("the vlm job needs --tokenizer (a tokenizer.json or a Hub model id)")
@@ -236,7 +236,7 @@ def run_loader(job: Job) -> dict[str, Any]:
 def _limit_worker(images: list[bytes], transform: Any, draft: Any, done: Any) -> None:
     import torch
 
-    from .decode import open_image
+    from ..stages.decode import open_image
 
     torch.set_num_threads(1)  # as in a DataLoader worker
     c0, t0 = time.process_time(), time.perf_counter()
@@ -249,7 +249,7 @@ def _limit_worker(images: list[bytes], transform: Any, draft: Any, done: Any) ->
 
 def run_limit(job: Job) -> dict[str, Any]:
     """The job's image transform on images already in memory, in `workers` forked processes."""
-    from .format import is_image_ext
+    from ..dataset.format import is_image_ext
 
     images: list[bytes] = []
     nbytes = 0
@@ -429,9 +429,9 @@ def chart(res: dict[str, Any], path: str) -> str | None:
 
 
 def bench_shards(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    from .errors import redact_spec, redact_text
-    from .progress import bar
-    from .shardlist import resolve
+    from ..errors import redact_spec, redact_text
+    from ..progress import bar
+    from ..stages.shards import resolve
 
     spec = args.shards[0] if len(args.shards) == 1 else list(args.shards)
     specs = resolve(spec)

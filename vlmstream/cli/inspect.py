@@ -19,8 +19,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Sequence
 
-from .format import IMAGE_PLACEHOLDER, FormatError, conversation_from_sample, is_image_ext
-from .tiles import grid_of, num_tiles, tiled_size
+from ..dataset.format import IMAGE_PLACEHOLDER, conversation_from_sample, is_image_ext
+from ..errors import FormatError
+from ..stages.tiles import grid_of, num_tiles, tiled_size
 
 EXAMPLES = 5  # problems of one kind listed by name; the rest are counted
 
@@ -271,11 +272,12 @@ def inspect_shards(spec: str | Sequence[str], *, tokenizer: Any = None, tile: in
                    ) -> Inspection:
     """Read every shard once: the dataset's shape, each shard checked against its manifest entry, and ``pick``
     samples kept for a contact sheet (a seeded reservoir sample, or the first ones with ``first=True``)."""
-    from .errors import redact, redact_spec
-    from .fetch import FetchOptions, FetchStats, HTTPClient, open_url
-    from .progress import bar
-    from .shardlist import resolve
-    from .tar import read_tar_samples
+    from ..errors import redact, redact_spec
+    from ..io.http import FetchOptions, HTTPClient, TransferStats
+    from ..io.tar import read_tar_samples
+    from ..io.urls import open_url
+    from ..progress import bar
+    from ..stages.shards import resolve
 
     specs = resolve(spec, hf_token=hf_token)
     if max_shards is not None:
@@ -286,7 +288,7 @@ def inspect_shards(spec: str | Sequence[str], *, tokenizer: Any = None, tile: in
     rng = random.Random(seed)
     picked: list[dict[str, Any]] = []
     checks = []
-    client = HTTPClient(FetchOptions(), FetchStats())  # one keep-alive connection per host for all the shards
+    client = HTTPClient(FetchOptions(), TransferStats())  # one keep-alive connection per host for all the shards
     total = sum(s.bytes for s in specs) if all(s.bytes for s in specs) else None
     with bar(total=total or len(specs), desc="inspect", unit="B" if total else "shard", unit_scale=bool(total),
              enabled=progress) as pb:
@@ -417,7 +419,7 @@ def contact_sheet(samples: Sequence[dict[str, Any]], *, tile: int = 512, max_sid
     """A PIL image: per sample its images with the tile grid drawn over them, beside its conversation."""
     from PIL import Image, ImageDraw
 
-    from .decode import open_image
+    from ..stages.decode import open_image
 
     L = layout
     n = len(samples)

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .checkpoint import encode_refs
+from ..core.checkpoint import encode_refs
 from .tokenize import IGNORE
 
 

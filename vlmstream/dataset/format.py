@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import Reasoned, redact
+from ..errors import FormatError, redact
 
 FORMAT_NAME = "vlmstream-shards"
 FORMAT_VERSION = 1
@@ -61,11 +61,6 @@ PIL_FORMAT_EXT = {
 META_PROVENANCE = ("source", "position", "line")
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # archives are padded to whole records of 20 blocks, as tarfile and GNU tar do
-
-
-class FormatError(Reasoned, ValueError):
-    """A sample, record or manifest that breaks the format; the message says what and where, ``reason`` the
-    short key it is counted under when skipped (e.g. "placeholder_mismatch", "invalid_json")."""
 
 
 @dataclass
@@ -215,10 +210,12 @@ def rejects_name(job: int | None = None) -> str:
 
 @dataclass
 class ShardInfo:
-    url: str  # relative to the manifest's own location, or absolute
-    samples: int
-    bytes: int
-    sha256: str
+    """One shard of a list: a manifest's entry (all fields known) or a listed URL (the rest None)."""
+
+    url: str  # in a manifest: relative to the manifest's own location, or absolute
+    samples: int | None = None
+    bytes: int | None = None
+    sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"url": self.url, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}

@@ -1,4 +1,7 @@
-"""Streaming tar reader behind ``vs.tar_samples()``: shard bytes -> (name, data, offset) -> samples.
+"""The streaming tar reader behind ``vs.tar_samples()``: shard bytes -> (name, data, offset) -> samples.
+
+A pure parser and grouping, no policy: errors are raised (``TarError``), a bad sample can be yielded as a
+``BadSample`` for the stage to count (stages/read.py applies ``on_error``, the split's filters and resumes).
 
 Why not ``tarfile``: in stream mode it builds a TarInfo object per member through several layers of pure Python
 (webdataset reads about 6x fewer samples per second than this module, docs/BENCHMARKS.md), and it stops silently
@@ -32,14 +35,10 @@ from __future__ import annotations
 import gzip
 import re
 import zlib
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol
 from zlib import adler32
 
-from .errors import ErrorCounts, check_policy, handle, redact
-from .fetch import FetchError
-from .format import FormatError
-from .split import QuotaStats, SlotCursor, slot_samples
+from ..errors import TarError, redact
 
 BLOCK = 512
 _ZEROS = bytes(BLOCK)
@@ -61,10 +60,6 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META = re.compile(r"__[^/]*__($|/)")
 # Sample keys we set ourselves, plus webdataset's "__bad__" marker: a member may not use them as extensions.
 _RESERVED = ("__key__", "__url__", "__offset__", "__index__", "__bad__")
-
-
-class TarError(FormatError):
-    """A shard that is not a readable tar (or breaks the grouping rules); the message names URL, offset, reason."""
 
 
 class Readable(Protocol):
@@ -466,157 +461,3 @@ def read_tar_samples(stream: Readable, url: str, *, max_member_bytes: int | None
     url = redact(url)
     members = iter_members(stream, url, max_member_bytes=max_member_bytes, base_offset=base_offset)
     return group_samples(members, url, first_index)
-
-
-@dataclass
-class TarStats(QuotaStats, ErrorCounts):
-    """``tar_samples().stats``: the DDP quota counts (padded, dropped) and what ``on_error`` skipped: a shard
-    cut short by a bad header or truncation counts once in ``skipped`` and its remaining samples (from the
-    manifest) in ``samples_lost``; a bad sample counts once in each."""
-
-
-class TarSamples:
-    """The ``tar_samples()`` stage: ``{"url", "stream", ...}`` items (as the fetch stage yields them) -> samples.
-
-    Each stream is closed once its shard is read, or when the consumer stops early or an error is raised. The
-    split stages' item keys (``sample_offset`` / ``sample_step``, ``quota``, ``padding``) are honoured through
-    ``split.slot_samples``; ``stats`` counts the samples padded, dropped or skipped by the current iteration.
-    Samples carry the shard's URL redacted (no credentials) in ``__url__``.
-    """
-
-    def __init__(self, *, max_member_bytes: int | None = 1 << 30, on_error: str = "raise"):
-        self.max_member_bytes = max_member_bytes
-        self.on_error = check_policy(on_error)
-        self.stats = TarStats()
-        self.cursor = SlotCursor()  # where this slot is: what a checkpoint records, what a resume starts from
-        self._resume: SlotCursor | None = None
-
-    def __call__(self, items: Iterable[dict[str, Any]]) -> Iterator[Sample]:
-        self.stats = TarStats()  # one count per iteration (per worker slot)
-        self.cursor, self._resume = self._resume or SlotCursor(), None
-        return slot_samples(iter(items), self.read, self.stats, self.cursor)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.cursor.as_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume the next iteration from this cursor (the pipeline skips the finished items before fetch)."""
-        self._resume = SlotCursor(**state)
-
-    def read(self, item: dict[str, Any]) -> Iterator[Sample]:
-        """The samples of one shard item, closing its stream.
-
-        Resume keys on the item: ``start_offset`` / ``start_index`` (the stream starts at that sample),
-        ``skip_through`` / ``skip_key`` (samples up to that index were delivered already; the last of them has
-        that key), ``refs`` (``[index, key]`` pairs: only these samples, fetched again by reference). A sample a
-        checkpoint names must be met again with its key, else the shard changed since the checkpoint: an error
-        whatever ``on_error`` says. Under ``on_error="skip"``/``"warn"`` a bad sample is left out, and a shard
-        that breaks (bad header, truncation, a fetch that gave up: that one counted by the fetch stage) ends
-        after the good samples before the break.
-        """
-        url = redact(item.get("url", "?"))
-        stream = item.get("stream")
-        if stream is None:
-            raise TarError(f"{url}: no 'stream' in {sorted(item)}; put a fetch stage before tar_samples")
-        skip, skip_key = item.get("skip_through", -1), item.get("skip_key")
-        refs = item.get("refs")
-        wanted = {int(i): k for i, k in refs} if refs is not None else None
-        off, step = item.get("sample_offset", 0), item.get("sample_step", 1)
-        tolerant = self.on_error != "raise"
-        met = 0  # samples of this slot's share met in this shard: delivered, or skipped one by one
-        checking = skip_key is not None or wanted is not None  # at a checkpoint's place, not yet confirmed
-        try:
-            members = iter_members(stream, url, max_member_bytes=self.max_member_bytes, skip_oversize=tolerant,
-                                   base_offset=item.get("start_offset", 0))
-            samples = group_samples(members, url, item.get("start_index", 0), bad="yield" if tolerant else "raise")
-            for sample in samples:
-                i = sample["__index__"]
-                if i <= skip:
-                    if i == skip and skip_key is not None:
-                        _same(url, sample, skip_key)
-                        skip_key = None
-                        checking = wanted is not None
-                    continue
-                if skip_key is not None:
-                    raise _changed(url, f"the cursor's sample {skip} ({skip_key!r}) is not where it was")
-                if wanted is not None:
-                    if i not in wanted:
-                        continue
-                    _same(url, sample, wanted.pop(i))
-                    checking = False
-                elif step > 1 and i % step != off:
-                    continue  # another slot's sample (slot_samples filters again; this keeps bad ones out)
-                met += 1
-                if type(sample) is BadSample:
-                    self._skipped(item, sample.error, 1, " (sample skipped)")
-                else:
-                    yield sample
-                if wanted is not None and not wanted:
-                    return
-            if wanted or skip_key is not None:
-                missing = sorted(wanted)[:5] if wanted else [skip]
-                raise _changed(url, f"samples {missing} named by the checkpoint are not in the shard")
-            stream.close()  # here, so that what closing finds (a cache copy not matching the manifest) is handled
-        except TarError as e:
-            if checking and e.reason != "changed":
-                raise _changed(url, f"where the checkpoint points, {e}") from None
-            if not tolerant or e.reason == "changed":
-                raise
-            lost = _left(item, met, wanted)
-            self._skipped(item, e, lost, f" (rest of the shard skipped, {_count(lost)} samples lost)")
-        except FetchError as e:
-            report = item.get("on_fetch_error")  # set by fetch(on_error="skip"|"warn"): it counts the shard
-            if report is None:
-                raise
-            lost = _left(item, met, wanted)
-            report(e, lost)
-            self._unread(item, lost)
-        finally:
-            stream.close()
-
-    def _skipped(self, item: dict[str, Any], error: TarError, lost: int | None, note: str) -> None:
-        handle(self.on_error, error, self.stats, "tar_samples", lost, note)
-        self._unread(item, lost)
-
-    def _unread(self, item: dict[str, Any], lost: int | None) -> None:
-        if lost and not item.get("padding"):
-            self.stats.unread += lost  # keeps `dropped` (equal per-rank counts) from counting them again
-
-
-def _same(url: str, sample: Any, key: str) -> None:
-    """A sample a checkpoint names must have the key the checkpoint recorded."""
-    if sample["__key__"] != key:
-        raise _changed(url, f"sample {sample['__index__']} at offset {sample['__offset__']} has key "
-                            f"{sample['__key__']!r}, the checkpoint recorded {key!r}")
-
-
-def _changed(url: str, why: str) -> TarError:
-    return TarError(f"{url}: the shard changed since the checkpoint (or the state was altered): {why}",
-                    reason="changed")
-
-
-def _left(item: dict[str, Any], met: int, wanted: dict[int, str] | None) -> int | None:
-    """Samples of this slot's share of a shard not met yet, from the manifest's count (None if unknown)."""
-    if wanted is not None:
-        return len(wanted)
-    n = item.get("samples")
-    if n is None:
-        return None
-    off, step, skip = item.get("sample_offset", 0), item.get("sample_step", 1), item.get("skip_through", -1)
-    share = len(range(off, n, step)) - len(range(off, min(skip + 1, n), step))
-    return max(0, share - met)
-
-
-def _count(lost: int | None) -> str:
-    return "an unknown number of" if lost is None else str(lost)
-
-
-def tar_samples(*, max_member_bytes: int | None = 1 << 30, on_error: str = "raise") -> TarSamples:
-    """Pipeline stage: shard streams -> samples grouped by webdataset's rules, with provenance.
-
-    ``max_member_bytes``: a larger member is an error (it is never read whole into memory; None: no limit).
-    ``on_error``: "raise" a bad shard or sample, or "skip" it (and "warn": also log it) and count it in
-    ``stats``: a bad sample alone is left out; a bad header or a truncation keeps the good samples before it
-    and skips the rest of that shard. See docs/ERRORS.md.
-    """
-    return TarSamples(max_member_bytes=max_member_bytes, on_error=on_error)

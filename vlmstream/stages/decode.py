@@ -19,17 +19,12 @@ import pyarrow as pa
 import torch
 from PIL import Image, ImageOps
 
-from .errors import ErrorCounts, Reasoned, check_policy, handle, redact
-from .format import is_image_ext
-from .checkpoint import encode_refs
+from ..core.checkpoint import encode_refs
+from ..dataset.format import is_image_ext
+from ..errors import DecodeError, ErrorCounts, check_policy, handle, redact
 
 PICKLE_EXTS = ("pyd", "pickle", "pkl")  # pickle.loads: runs code from the shard; only with unsafe_pickle=True
 TORCH_EXTS = ("pth", "pt")  # torch.load(weights_only=False): the same
-
-
-class DecodeError(Reasoned, ValueError):
-    """A member could not be decoded; the message names shard, key, member and reason. ``reason``:
-    "corrupt_image", "decompression_bomb", "invalid_json", "invalid_utf8", "unpickle_failed", "decode_failed"."""
 
 
 class ImageTransform(Protocol):

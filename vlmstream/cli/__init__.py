@@ -1,0 +1,1 @@
+"""The `vlmstream` command: inspect, bench, pack."""
