@@ -20,14 +20,31 @@ holds the stages after the samples (shuffle, decode, ...). See configs/mixture.y
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
+from .core.loader import Loader
+from .core.pipeline import Pipeline
+from .stages.batch import batch
+from .stages.decode import Resize, decode
+from .stages.fetch import fetch
+from .stages.mix import Stream, mix
+from .stages.pack import pack
+from .stages.read import tar_samples
+from .stages.shards import shards
+from .stages.shuffle import shuffle
+from .stages.split import split_by_node, split_by_worker, take
+from .stages.tiles import ImageTiles
+from .stages.tokenize import ChatTokenizer, tokenize
+
 # Transforms `decode: {image: {NAME: {...}}}` may name.
-TRANSFORMS = ("ImageTiles", "Resize")
-STAGES = ("shards", "split_by_node", "split_by_worker", "fetch", "tar_samples", "shuffle", "decode", "tokenize",
-          "pack", "batch", "take")
+TRANSFORMS: dict[str, Callable[..., Any]] = {"ImageTiles": ImageTiles, "Resize": Resize}
+STAGES: dict[str, Callable[..., Any]] = {
+    "shards": shards, "split_by_node": split_by_node, "split_by_worker": split_by_worker, "fetch": fetch,
+    "tar_samples": tar_samples, "shuffle": shuffle, "decode": decode, "tokenize": tokenize, "pack": pack,
+    "batch": batch, "take": take,
+}
 # Keys of a `streams:` entry, and the stages each stream runs up to samples.
 STREAM_KEYS = ("name", "shards", "remote", "cache", "proportion", "repeat", "choose")
 SOURCE_STAGES = ("shards", "split_by_node", "split_by_worker", "fetch", "tar_samples")
@@ -57,19 +74,15 @@ def load(source: str | Mapping[str, Any], **variables: Any) -> dict[str, Any]:
 
 
 def build_tokenizer(spec: Mapping[str, Any]):
-    import vlmstream as vs
-
     spec = dict(spec)
     if "file" in spec:
-        return vs.ChatTokenizer.from_file(spec.pop("file"), **spec)
+        return ChatTokenizer.from_file(spec.pop("file"), **spec)
     if "pretrained" in spec:
-        return vs.ChatTokenizer.from_pretrained(spec.pop("pretrained"), **spec)
+        return ChatTokenizer.from_pretrained(spec.pop("pretrained"), **spec)
     raise ValueError("tokenizer: give 'file' (a tokenizer.json) or 'pretrained' (a Hub repo id)")
 
 
 def build_stage(entry: Mapping[str, Any], tok: Any) -> Any:
-    import vlmstream as vs
-
     if not isinstance(entry, Mapping) or len(entry) != 1:
         raise ValueError(f"each pipeline entry is one 'stage: {{args}}' mapping, got {entry!r}")
     (name, args), = entry.items()
@@ -80,21 +93,19 @@ def build_stage(entry: Mapping[str, Any], tok: Any) -> Any:
         (tname, targs), = args["image"].items()
         if tname not in TRANSFORMS:
             raise ValueError(f"unknown image transform {tname!r}; known: {', '.join(TRANSFORMS)}")
-        args["image"] = getattr(vs, tname)(**(targs or {}))
+        args["image"] = TRANSFORMS[tname](**(targs or {}))
     if name == "tokenize":
         if tok is None:
             raise ValueError("a tokenize stage needs a top-level 'tokenizer:' entry")
-        return vs.tokenize(tok, **args)
+        return tokenize(tok, **args)
     positional = {"shards": "spec", "shuffle": "bufsize", "pack": "seq_len", "batch": "n", "take": "n"}.get(name)
     if positional and positional in args:
-        return getattr(vs, name)(args.pop(positional), **args)
-    return getattr(vs, name)(**args)
+        return STAGES[name](args.pop(positional), **args)
+    return STAGES[name](**args)
 
 
-def build_mix(streams: Any, mix: Mapping[str, Any] | None):
+def build_mix(streams: Any, settings: Mapping[str, Any] | None):
     """`vs.mix` of `vs.Stream(name, shards, split_by_node, split_by_worker, fetch(cache), tar_samples)`s."""
-    import vlmstream as vs
-
     if not isinstance(streams, list) or not streams:
         raise ValueError("'streams:' is a list of {name, shards (or remote), cache, proportion | repeat | choose}")
     out = []
@@ -107,21 +118,19 @@ def build_mix(streams: Any, mix: Mapping[str, Any] | None):
                              f"{', '.join(STREAM_KEYS)}")
         if ("shards" in entry) == ("remote" in entry):
             raise ValueError(f"stream {entry['name']!r}: give one of 'shards' or 'remote' (the shard spec)")
-        fetch = vs.fetch(cache=entry["cache"]) if entry.get("cache") else vs.fetch()
+        opener = fetch(cache=entry["cache"]) if entry.get("cache") else fetch()
         weights = {k: entry[k] for k in ("proportion", "repeat", "choose") if k in entry}
-        out.append(vs.Stream(entry["name"], vs.shards(entry.get("shards", entry.get("remote"))), vs.split_by_node(),
-                             vs.split_by_worker(), fetch, vs.tar_samples(), **weights))
-    mix = dict(mix or {})
-    unknown = set(mix) - {"epoch_size", "stop", "seed"}
+        out.append(Stream(entry["name"], shards(entry.get("shards", entry.get("remote"))), split_by_node(),
+                          split_by_worker(), opener, tar_samples(), **weights))
+    options = dict(settings or {})
+    unknown = set(options) - {"epoch_size", "stop", "seed"}
     if unknown:
         raise ValueError(f"mix: unknown keys {sorted(unknown)}; known: epoch_size, stop, seed")
-    return vs.mix(out, **mix)
+    return mix(out, **options)
 
 
 def from_config(source: str | Mapping[str, Any], **variables: Any):
     """A `vs.Loader` when the config has a ``loader:`` entry, else a `vs.Pipeline`."""
-    import vlmstream as vs
-
     cfg = load(source, **variables)
     unknown = set(cfg) - {"seed", "tokenizer", "pipeline", "loader", "streams", "mix"}
     if unknown:
@@ -138,7 +147,7 @@ def from_config(source: str | Mapping[str, Any], **variables: Any):
     elif "mix" in cfg:
         raise ValueError("'mix:' needs a top-level 'streams:' list")
     stages += [build_stage(e, tok) for e in entries]
-    pipe = vs.Pipeline(*stages, seed=cfg.get("seed", 0))
+    pipe = Pipeline(*stages, seed=cfg.get("seed", 0))
     if "loader" in cfg:
-        return vs.Loader(pipe, **(cfg["loader"] or {}))
+        return Loader(pipe, **(cfg["loader"] or {}))
     return pipe

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any, Sequence
 
@@ -21,15 +20,10 @@ def _spec(values: Sequence[str]) -> str | list[str]:
 
 
 def load_tokenizer(name: str | None, template: str = "chatml", image_token_length: int = 64) -> Any:
-    """A ChatTokenizer from a tokenizer.json path, or from a Hub model id (through huggingface_hub)."""
-    if not name:
-        return None
+    """A ChatTokenizer from a tokenizer.json path, or from a Hub model id; None without a name."""
     from ..stages.tokenize import ChatTokenizer
 
-    kw = {"template": template, "image_token_length": image_token_length}
-    if os.path.exists(name):
-        return ChatTokenizer.from_file(name, **kw)
-    return ChatTokenizer.from_pretrained(name, **kw)
+    return ChatTokenizer.load(name, template=template, image_token_length=image_token_length) if name else None
 
 
 # ---------------------------------------------------------------------------------------------------- inspect

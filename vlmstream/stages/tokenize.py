@@ -82,6 +82,11 @@ class ChatTokenizer:
 
         return cls.from_file(hf_hub_download(repo_id, "tokenizer.json", revision=revision, token=token), **kw)
 
+    @classmethod
+    def load(cls, name: str, **kw: Any) -> "ChatTokenizer":
+        """A tokenizer.json path where one exists, else a Hub model id: what a command line takes."""
+        return cls.from_file(name, **kw) if os.path.exists(name) else cls.from_pretrained(name, **kw)
+
     def save(self, path: str) -> None:
         self.tok.save(path)
 
