@@ -1,4 +1,4 @@
-"""tools/pack_shards.py end to end on easy-VQA in every input schema, read back by webdataset and GNU tar;
+"""The packer (vlmstream/dataset/build.py, behind `vlmstream pack` and tools/pack_shards.py) end to end on easy-VQA
 and its pure maths (shuffle permutation, job partition) apart from any I/O."""
 
 from __future__ import annotations
