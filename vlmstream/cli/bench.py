@@ -18,12 +18,17 @@ The jobs: ``224``: every image decoded and resized to [3, size, size] uint8 (`vs
 each sample batched by ``--batch`` (32). ``vlm``: `vs.ImageTiles(tile, max_side)` -> `vs.tokenize` ->
 `vs.pack(seq_len, max_images)` -> `vs.batch` (8); needs ``--tokenizer``.
 Writes OUT/bench.md (a markdown table), OUT/bench.json and OUT/bench.png (a chart; needs matplotlib, the
-``bench`` extra). ``--suite`` runs the project's own benchmarks instead (tools/bench_suite.py, docs/BENCHMARKS.md).
+``bench`` extra).
+
+``--suite`` runs the project's own benchmarks instead (tools/bench_suite.py, docs/BENCHMARKS.md). The measuring
+primitives that both need (peak RSS of a process tree, the decode limit, the machine line, the chart) live here,
+and the suite imports them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -65,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--suite", action="store_true", help="run the benchmarks of docs/BENCHMARKS.md on the "
                    "project's corpus, with webdataset, Hugging Face datasets and the decode limit")
     g.add_argument("--only", nargs="+", metavar="SECTION", help="suite sections: tar 224 vlm startup memory "
-                   "overhead (default: all)")
+                   "overhead (default: all); docs alone: rewrite --write-docs from the figures kept beside it")
     g.add_argument("--write-docs", metavar="MD", help="regenerate the suite's sections of this markdown file")
     g.add_argument("--workdir", default="/tmp/vlmstream-bench", help="where the suite's corpus is built")
     g.add_argument("--quick", action="store_true", help="suite: a small corpus and one round (a smoke test)")
@@ -85,11 +90,12 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _rss_kb(pid: int) -> int:
+def _proc_kb(pid: int, name: str, field: str) -> int:
+    """A field of /proc/PID/NAME in kB (``status``: VmRSS, VmHWM; ``smaps_rollup``: Pss); 0 once it is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/{name}") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -97,18 +103,32 @@ def _rss_kb(pid: int) -> int:
 
 
 class PeakRSS(threading.Thread):
-    """Peak of the summed resident memory of this process and its children, sampled every 50 ms (Linux); else
-    this process's own peak from getrusage."""
+    """Peak of the summed resident memory of this process and its children (a loader and its workers), sampled
+    every `period` seconds from /proc (Linux); elsewhere this process's own peak from getrusage.
 
-    def __init__(self, period: float = 0.05):
+    ``pss=True`` also keeps the peak of the summed PSS (pages shared by the workers with the main process, torch's
+    libraries above all, split among their sharers: RSS counts them once per process) and each process's own
+    peak (VmHWM): what the memory benchmark reports beside RSS.
+    """
+
+    def __init__(self, period: float = 0.05, pss: bool = False):
         super().__init__(daemon=True)
-        self.period, self.stop_event, self.peak_kb = period, threading.Event(), 0
+        self.period, self.pss, self.stop_event = period, pss, threading.Event()
+        self.peak_kb = self.peak_main_kb = self.peak_pss_kb = 0
+        self.hwm_kb: dict[int, int] = {}
         self.proc = os.path.exists("/proc/self/status")
 
     def run(self) -> None:
         me = os.getpid()
         while self.proc and not self.stop_event.is_set():
-            self.peak_kb = max(self.peak_kb, sum(_rss_kb(p) for p in [me, *_children(me)]))
+            pids = [me, *_children(me)]
+            rss = [_proc_kb(p, "status", "VmRSS") for p in pids]
+            self.peak_kb = max(self.peak_kb, sum(rss))
+            self.peak_main_kb = max(self.peak_main_kb, rss[0])
+            if self.pss:
+                self.peak_pss_kb = max(self.peak_pss_kb, sum(_proc_kb(p, "smaps_rollup", "Pss") for p in pids))
+                for p in pids:
+                    self.hwm_kb[p] = max(self.hwm_kb.get(p, 0), _proc_kb(p, "status", "VmHWM"))
             self.stop_event.wait(self.period)
 
     def __enter__(self) -> "PeakRSS":
@@ -119,7 +139,7 @@ class PeakRSS(threading.Thread):
         self.stop_event.set()
         self.join()
         if not self.proc:
-            self.peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.peak_kb = self.peak_main_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def first_image(sample: dict[str, Any]) -> dict[str, Any]:
@@ -233,22 +253,49 @@ def run_loader(job: Job) -> dict[str, Any]:
             "summary": r.summary(), "report": r.as_dict()}
 
 
-def _limit_worker(images: list[bytes], transform: Any, draft: Any, done: Any) -> None:
+def _limit_worker(load: Callable[[], list[bytes]], transform: Any, draft: Any, ready: Any, go: Any,
+                  done: Any) -> None:
     import torch
 
     from ..stages.decode import open_image
 
     torch.set_num_threads(1)  # as in a DataLoader worker
-    c0, t0 = time.process_time(), time.perf_counter()
+    images = load()
+    ready.put(len(images))
+    go.wait()
+    c0 = time.process_time()
     for data in images:
         out = transform(open_image(data, draft))
         if isinstance(out, torch.Tensor):
             out.contiguous()  # a finished planar image, as the pipeline's batches hold it (vs.Resize gives a view)
-    done.put((len(images), time.perf_counter() - t0, time.process_time() - c0))
+    done.put((len(images), time.process_time() - c0))
+
+
+def decode_limit(loads: list[Callable[[], list[bytes]]], transform: Any, draft: Any = None) -> dict[str, Any]:
+    """The bare decode limit: one forked process per ``loads[i]``, each decoding the images it loads with
+    `transform` (``open_image(data, draft)`` first) and nothing else: no tar, HTTP, batching or IPC.
+
+    The clock starts once every process has its images in memory and stops when the last is done, so the figure
+    is the decoding alone, to hold a pipeline's rate against. Returns images, seconds, processes and the CPU
+    seconds of the decoding loops."""
+    ctx = mp.get_context("fork")
+    ready, done, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_limit_worker, args=(load, transform, draft, ready, go, done)) for load in loads]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get()
+    t0 = time.perf_counter()
+    go.set()
+    got = [done.get() for _ in procs]
+    took = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    return {"images": sum(g[0] for g in got), "s": took, "processes": len(procs), "cpu_s": sum(g[1] for g in got)}
 
 
 def run_limit(job: Job) -> dict[str, Any]:
-    """The job's image transform on images already in memory, in `workers` forked processes."""
+    """The job's image transform on its first images, already in memory, in `workers` forked processes."""
     from ..dataset.format import is_image_ext
 
     images: list[bytes] = []
@@ -261,20 +308,11 @@ def run_limit(job: Job) -> dict[str, Any]:
         if len(images) >= job.args.limit_samples:
             break
     transform = job.transform()
-    draft = getattr(transform, "draft_size", None)
     w = max(1, job.args.workers)
-    ctx = mp.get_context("fork")
-    done = ctx.Queue()
-    procs = [ctx.Process(target=_limit_worker, args=(images[i::w], transform, draft, done)) for i in range(w)]
-    t0 = time.perf_counter()
-    for p in procs:
-        p.start()
-    got = [done.get() for _ in procs]
-    took = time.perf_counter() - t0
-    for p in procs:
-        p.join()
-    return {"images": len(images), "s": took, "processes": w, "bytes": nbytes,
-            "cpu_ms_per_image": 1e3 * sum(g[2] for g in got) / max(1, len(images))}
+    loads = [lambda i=i: images[i::w] for i in range(w)]
+    res = decode_limit(loads, transform, getattr(transform, "draft_size", None))
+    return {"images": res["images"], "s": res["s"], "processes": w, "bytes": nbytes,
+            "cpu_ms_per_image": 1e3 * res["cpu_s"] / max(1, res["images"])}
 
 
 def run_overhead(job: Job, rounds: int) -> dict[str, Any]:
@@ -391,8 +429,25 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(res: dict[str, Any], path: str) -> str | None:
-    """A PNG: samples/s of each measurement (log scale) and the stages' shares of the time."""
+@dataclasses.dataclass
+class Bars:
+    """One panel of a chart: a bar per label."""
+
+    title: str
+    labels: list[str]
+    values: list[float]
+    axis: str = ""  # the values' axis label
+    colors: list[str] | str = "#5b8bd0"
+    horizontal: bool = True  # bars from the left, the first label on top
+    log: bool = False
+    annotate: bool = False  # each value written at its bar's end
+    lines: tuple[float, ...] = ()  # dashed reference lines at these values (a target)
+
+
+def draw(panels: list[Bars], path: str, title: str = "", widths: list[float] | None = None,
+         size: tuple[float, float] | None = None) -> str | None:
+    """The panels side by side in one PNG (the user's bench.png and the suite's chart); None without matplotlib
+    (the ``bench`` extra) or without panels."""
     try:
         import matplotlib
 
@@ -400,32 +455,52 @@ def chart(res: dict[str, Any], path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in rows_of(res) if r["samples_per_s"]]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 2), gridspec_kw={"width_ratios": [3, 2]})
-    ax = axes[0]
-    names = [r["what"] for r in rows][::-1]
-    vals = [r["samples_per_s"] for r in rows][::-1]
-    colors = ["#d9822b" if "end to end" in n else "#5b8bd0" if n.startswith("stage") else "#888888" for n in names]
-    ax.barh(names, vals, color=colors)
-    ax.set_xscale("log")
-    ax.set_xlabel("samples/s (log scale)")
-    for y, v in enumerate(vals):
-        ax.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
-    ax.set_title(f"{res['job_text']}", fontsize=9)
-    ax2 = axes[1]
-    st = res.get("stages")
-    if st:
-        total = sum(x["own_s"] for x in st["report"]["stages"]) or 1.0
-        stages = [x for x in st["report"]["stages"] if x["own_s"] / total >= 0.002]
-        ax2.barh([x["name"] for x in stages][::-1], [x["own_s"] / total * 100 for x in stages][::-1], color="#5b8bd0")
-        ax2.set_xlabel("% of stage time (telemetry)")
-        ax2.set_title(f"bottleneck: {st['report']['bottleneck']}", fontsize=9)
-    else:
-        ax2.axis("off")
+    if not panels:
+        return None
+    size = size or (5.2 * len(panels), 4.2)
+    fig, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False,
+                             gridspec_kw={"width_ratios": widths} if widths else None)
+    for ax, p in zip(axes[0], panels):
+        if p.horizontal:
+            colors = p.colors[::-1] if isinstance(p.colors, list) else p.colors
+            ax.barh(p.labels[::-1], p.values[::-1], color=colors)
+            ax.set_xlabel(p.axis)
+            if p.log:
+                ax.set_xscale("log")
+            if p.annotate:
+                for y, v in enumerate(p.values[::-1]):
+                    ax.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
+        else:
+            ax.bar(p.labels, p.values, color=p.colors)
+            ax.set_ylabel(p.axis)
+            if p.log:
+                ax.set_yscale("log")
+            ax.tick_params(axis="x", labelsize=8)
+        for v in p.lines:
+            (ax.axvline if p.horizontal else ax.axhline)(v, color="red", linestyle="--", linewidth=1)
+        ax.set_title(p.title, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def chart(res: dict[str, Any], path: str) -> str | None:
+    """A PNG: samples/s of each measurement (log scale) and the stages' shares of the time."""
+    rows = [r for r in rows_of(res) if r["samples_per_s"]]
+    names = [r["what"] for r in rows]
+    panels = [Bars(res["job_text"], names, [r["samples_per_s"] for r in rows], "samples/s (log scale)",
+                   ["#d9822b" if "end to end" in n else "#5b8bd0" if n.startswith("stage") else "#888888"
+                    for n in names], log=True, annotate=True)]
+    st = res.get("stages")
+    if st:
+        total = sum(x["own_s"] for x in st["report"]["stages"]) or 1.0
+        stages = [x for x in st["report"]["stages"] if x["own_s"] / total >= 0.002]
+        panels.append(Bars(f"bottleneck: {st['report']['bottleneck']}", [x["name"] for x in stages],
+                           [x["own_s"] / total * 100 for x in stages], "% of stage time (telemetry)"))
+    return draw(panels, path, widths=[3, 2][: len(panels)], size=(13, 0.45 * len(rows) + 2))
 
 
 def bench_shards(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -511,4 +586,5 @@ def run_suite(args: argparse.Namespace) -> int:
     return mod.main_from_args(args)
 
 
-__all__ = ["add_arguments", "bench_shards", "chart", "machine", "main_from_args", "markdown", "overhead_figures"]
+__all__ = ["Bars", "PeakRSS", "add_arguments", "bench_shards", "chart", "decode_limit", "draw", "machine", "machine_line",
+           "main_from_args", "markdown", "overhead_figures"]
