@@ -31,9 +31,9 @@ demo: $(STAMP) system-deps
 	$(BIN)/python tools/smoke_train.py
 
 bench: $(STAMP) system-deps
-	$(BIN)/python tools/bench_tar.py
-	$(BIN)/python tools/bench_pipeline.py
-	$(BIN)/python tools/bench_pipeline.py --memory
+	$(BIN)/python tools/bench/tar.py
+	$(BIN)/python tools/bench/pipeline.py
+	$(BIN)/python tools/bench/pipeline.py --memory
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

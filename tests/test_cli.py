@@ -169,23 +169,46 @@ def test_bench_on_a_tiny_corpus_writes_table_json_and_chart(vqa, capsys, tmp_pat
         assert im.format == "PNG" and im.size[0] > 500
 
 
+SUITE_MACHINE = {"cores": 2, "cpu": "x", "memory_gib": 1, "os": "Linux", "kernel": "k", "python": "3", "torch": "t",
+                 "loadavg": [1.0]}
+
+
 def test_python_m_vlmstream_and_the_suite_docs_writer(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vlmstream", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and "inspect" in proc.stdout and "bench" in proc.stdout
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import bench_suite
+    from bench import suite  # tools/bench/suite.py (conftest puts tools/ on sys.path)
 
     doc = tmp_path / "B.md"
     doc.write_text("# Benchmarks\n\nprose stays\n\n<!-- vlmstream-bench:overhead -->\nold\n"
                    "<!-- /vlmstream-bench:overhead -->\n\nmore prose\n")
-    res = {"started": "2025-01-01T00:00:00", "machine": {"cores": 2, "cpu": "x", "memory_gib": 1, "os": "Linux",
-                                                          "kernel": "k", "python": "3", "torch": "t",
-                                                          "loadavg": [1.0]},
+    res = {"started": "2025-01-01T00:00:00", "machine": SUITE_MACHINE,
            "sections": {"startup": {"first_batch": {"vlmstream": {"first_batch_s": 0.5, "requests": 9,
                                                                   "requests_before_first_batch": 3}}}}}
-    assert bench_suite.update_docs(str(doc), res) == ["startup", "summary"]
+    assert suite.update_docs(str(doc), res) == ["startup", "summary"]
     text = doc.read_text()
     assert json.loads((tmp_path / "B.json").read_text())["sections"]["startup"]["first_batch"]  # kept for the summary
     assert "prose stays" in text and "more prose" in text and "\nold\n" in text  # untouched: not in this run
     assert "<!-- vlmstream-bench:startup -->" in text and "| vlmstream | 0.50 | 3 (9) |" in text
-    assert "Reproduce: `vlmstream bench --suite --only startup`" in text
+    assert "Reproduce: `python tools/bench/suite.py --only 224 startup`" in text
+
+
+def test_bench_suite_runs_the_checkouts_suite_in_a_subprocess(capsys, tmp_path):
+    # --only docs measures nothing: the page is rewritten from the figures kept beside it, by tools/bench/suite.py
+    doc, store = tmp_path / "B.md", tmp_path / "B.json"
+    doc.write_text("# Benchmarks\n\n<!-- vlmstream-bench:startup -->\nold\n<!-- /vlmstream-bench:startup -->\n")
+    store.write_text(json.dumps({"started": "2025-01-01T00:00:00", "machine": SUITE_MACHINE, "sections": {
+        "startup": {"first_batch": {"vlmstream": {"first_batch_s": 0.25}}}}}))
+    code, _ = run(capsys, "bench", "--suite", "--only", "docs", "--write-docs", doc, "--no-progress")
+    assert code == 0
+    text = doc.read_text()
+    assert "\nold\n" not in text and "| vlmstream | 0.25 |" in text and "<!-- vlmstream-bench:summary -->" in text
+    with pytest.raises(SystemExit, match="give it no shards"):
+        run(capsys, "bench", "--suite", "shards/index.json")
+
+
+def test_bench_suite_outside_a_checkout_says_so(capsys, monkeypatch):
+    from vlmstream.cli import bench
+
+    monkeypatch.setattr(bench, "checkout_suite", lambda: None)  # an installed vlmstream: no tools/ beside it
+    with pytest.raises(SystemExit, match="checkout of the vlmstream repository"):
+        run(capsys, "bench", "--suite", "--only", "224")

@@ -20,9 +20,11 @@ each sample batched by ``--batch`` (32). ``vlm``: `vs.ImageTiles(tile, max_side)
 Writes OUT/bench.md (a markdown table), OUT/bench.json and OUT/bench.png (a chart; needs matplotlib, the
 ``bench`` extra).
 
-``--suite`` runs the project's own benchmarks instead (tools/bench_suite.py, docs/BENCHMARKS.md). The measuring
-primitives that both need (peak RSS of a process tree, the decode limit, the machine line, the chart) live here,
-and the suite imports them.
+``--suite`` runs the project's own benchmarks instead (docs/BENCHMARKS.md): ``python tools/bench/suite.py`` of
+the checkout this vlmstream is imported from, in a subprocess, with the suite's options passed on. The suite is
+no part of the package (it needs the repository's tools/ and corpus), so an installed vlmstream without a
+checkout says so and stops. The measuring primitives that both need (peak RSS of a process tree, the decode
+limit, the machine line, the chart) live here, and the suite imports them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -66,9 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-out", help="folder for bench.md, bench.json, bench.png")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
-    g = p.add_argument_group("the project's suite (--suite)")
+    g = p.add_argument_group("the project's suite (--suite: python tools/bench/suite.py of a checkout)")
     g.add_argument("--suite", action="store_true", help="run the benchmarks of docs/BENCHMARKS.md on the "
-                   "project's corpus, with webdataset, Hugging Face datasets and the decode limit")
+                   "project's corpus, with webdataset, Hugging Face datasets and the decode limit (runs "
+                   "tools/bench/suite.py of this vlmstream's checkout; --workers, --rounds, --out, --json and "
+                   "--progress go with it)")
     g.add_argument("--only", nargs="+", metavar="SECTION", help="suite sections: tar 224 vlm startup memory "
                    "overhead (default: all); docs alone: rewrite --write-docs from the figures kept beside it")
     g.add_argument("--write-docs", metavar="MD", help="regenerate the suite's sections of this markdown file")
@@ -565,26 +570,44 @@ def main_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def tools_dir() -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(here, "tools")
+def checkout_suite() -> str | None:
+    """tools/bench/suite.py of the repository checkout this vlmstream is imported from; None when installed
+    without one."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(root, "tools", "bench", "suite.py")
+    return path if os.path.isfile(path) else None
+
+
+def suite_argv(args: argparse.Namespace) -> list[str]:
+    """The suite's options of a `vlmstream bench --suite` command line, as `tools/bench/suite.py` takes them."""
+    argv = ["--workdir", args.workdir, "--workers", str(args.workers), "--out", args.out]
+    if args.only:
+        argv += ["--only", *args.only]
+    if args.write_docs:
+        argv += ["--write-docs", args.write_docs]
+    if args.rounds is not None:
+        argv += ["--rounds", str(args.rounds)]
+    if args.quick:
+        argv.append("--quick")
+    if args.json:
+        argv.append("--json")
+    if args.progress is not None:
+        argv.append("--progress" if args.progress else "--no-progress")
+    return argv
 
 
 def run_suite(args: argparse.Namespace) -> int:
-    """The project's benchmarks (tools/bench_suite.py of a checkout of the repository)."""
-    import importlib.util
-
-    path = os.path.join(tools_dir(), "bench_suite.py")
-    if not os.path.exists(path):
-        raise SystemExit(f"--suite needs a checkout of the vlmstream repository (no {path}); "
-                         "`vlmstream bench SHARDS` benchmarks your own shards anywhere")
-    sys.path.insert(0, tools_dir())
-    spec = importlib.util.spec_from_file_location("bench_suite", path)
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod.main_from_args(args)
+    """The project's benchmarks: `python tools/bench/suite.py` of this vlmstream's checkout, in a subprocess
+    (the suite is no part of the package, and is not imported from one)."""
+    path = checkout_suite()
+    if path is None:
+        raise SystemExit("vlmstream bench --suite runs tools/bench/suite.py of a checkout of the vlmstream "
+                         "repository, and this vlmstream is installed without one; `vlmstream bench SHARDS` "
+                         "benchmarks your own shards anywhere")
+    if args.shards:
+        raise SystemExit("vlmstream bench --suite runs on the project's own corpus: give it no shards")
+    return subprocess.run([sys.executable, path, *suite_argv(args)]).returncode
 
 
-__all__ = ["Bars", "PeakRSS", "add_arguments", "bench_shards", "chart", "decode_limit", "draw", "machine", "machine_line",
-           "main_from_args", "markdown", "overhead_figures"]
+__all__ = ["Bars", "PeakRSS", "add_arguments", "bench_shards", "chart", "decode_limit", "draw", "machine",
+           "machine_line", "main_from_args", "markdown", "overhead_figures", "run_suite"]

@@ -1,11 +1,11 @@
 """Benchmark the streaming pipeline on the 224 job, against webdataset and the decode limit, over nginx on loopback.
 
-    python tools/bench_pipeline.py [--workdir /tmp/vlmstream-bench] [--shards 8] [--per-shard 1000] [--rounds 3]
-    python tools/bench_pipeline.py --memory [--repeat 10] [--rounds 2]
+    python tools/bench/pipeline.py [--workdir /tmp/vlmstream-bench] [--shards 8] [--per-shard 1000] [--rounds 3]
+    python tools/bench/pipeline.py --memory [--repeat 10] [--rounds 2]
 
-The corpus is tools/bench_tar.py's (640x480 photo JPEGs of ~55 KB, each with a JSON conversation), built once
-under --workdir; an ``index.json`` manifest is written next to the shards and nginx (started and stopped by this
-tool) serves that folder on a free loopback port.
+The corpus is tools/bench/common.py's photo corpus (640x480 JPEGs of ~55 KB, each with a JSON conversation),
+built once under --workdir; an ``index.json`` manifest is written next to the shards and nginx (started and
+stopped by this tool) serves that folder on a free loopback port.
 
 The 224 job: every sample's JPEG decoded to a [3, 224, 224] uint8 tensor, batches of 32, 2 DataLoader workers.
 Each round runs, in turn (the order rotating from round to round), in this process tree:
@@ -20,7 +20,8 @@ Each round runs, in turn (the order rotating from round to round), in this proce
   vlmstream_no_ipc  the vlmstream pipeline in 2 forked processes, each dropping its batches where it makes them:
                     the stages without the DataLoader's trip to the training process
   limit             2 processes, each decoding its half of the JPEGs from bytes already in memory with the same
-                    draft decode and resize (vlmstream.decode.open_image + Resize): no tar, HTTP, batching or IPC
+                    draft decode and resize (open_image + Resize, vlmstream.cli.bench.decode_limit): no tar, HTTP,
+                    batching or IPC
   limit_full        the same without draft decoding (full 640x480 decode, then resize): what draft decoding buys
   webdataset_vsresize  (only if asked, --contenders) webdataset with vs.Resize(224) as its resize
 
@@ -40,63 +41,30 @@ workers share with the main process (torch's libraries) once per process.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing as mp
 import os
-import platform
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]  # the checkout's vlmstream; tools/
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import vlmstream as vs  # noqa: E402
-from bench_tar import build_corpus  # noqa: E402
+from bench.common import IMAGE_KEY, build_corpus, corpus_arguments, cpu_times, read_all, write_manifests  # noqa: E402
 from loopback_nginx import LoopbackNginx, Request  # noqa: E402  (tools/loopback_nginx.py)
-from vlmstream.stages.decode import open_image# noqa: E402
-from vlmstream.dataset.format import ShardInfo, write_manifest# noqa: E402
-from vlmstream.core.stage import Context# noqa: E402
-from vlmstream.io.tar import read_tar_samples# noqa: E402
+from vlmstream.cli.bench import PeakRSS, decode_limit, machine, machine_line  # noqa: E402
+from vlmstream.core.stage import Context  # noqa: E402
+from vlmstream.io.tar import read_tar_samples  # noqa: E402
 
-IMAGE_KEY = "0.jpg"
 CONTENDERS = ("vlmstream", "webdataset", "vlmstream_no_ipc", "limit", "limit_full", "webdataset_vsresize")
-
-
-# ------------------------------------------------------------------------------------------------ corpus
-
-
-def write_manifests(paths: list[str], repeat: int) -> tuple[str, str]:
-    """index.json over the shards, and index-x{repeat}.json listing them `repeat` times (10N shards, same files)."""
-    folder = os.path.dirname(paths[0])
-    one, many = "index.json", f"index-x{repeat}.json"
-    newest = max(os.path.getmtime(p) for p in paths)
-    if all(os.path.exists(os.path.join(folder, m)) and os.path.getmtime(os.path.join(folder, m)) > newest
-           for m in (one, many)):
-        return one, many
-    infos = []
-    for p in paths:
-        h = hashlib.sha256()
-        n = 0
-        with open(p, "rb") as f:
-            for s in read_tar_samples(f, p):
-                n += 1
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        infos.append(ShardInfo(os.path.basename(p), n, os.path.getsize(p), h.hexdigest()))
-    write_manifest(os.path.join(folder, one), infos)
-    write_manifest(os.path.join(folder, many), infos * repeat)
-    return one, many
 
 
 # ----------------------------------------------------------------------------------------------- contenders
@@ -148,14 +116,9 @@ def run_webdataset(urls: list[str], workers: int, batch: int, size: int, resize:
     return make, lambda b: b[0]
 
 
-def _cpu_self_and_children() -> tuple[float, float]:
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
-
-
 def time_loader(make: Callable[[], Any], images: Callable[[Any], Any], expect: int, size: int) -> dict[str, Any]:
     """Wall time from building the pipeline to its last batch; CPU time of this process and its (reaped) workers."""
-    cpu0 = _cpu_self_and_children()
+    cpu0 = cpu_times()
     t0, wall0 = time.perf_counter(), time.time()
     first = first_wall = None
     n = n_first = 0
@@ -168,8 +131,8 @@ def time_loader(make: Callable[[], Any], images: Callable[[Any], Any], expect: i
                 raise SystemExit(f"unexpected batch: {x.dtype} {tuple(x.shape)}")
         n += x.shape[0]
     took = time.perf_counter() - t0
-    cpu1 = _cpu_self_and_children()  # DataLoader has joined its workers (and they their curl processes)
-    main_cpu, cpu = cpu1[0] - cpu0[0], cpu1[0] + cpu1[1] - cpu0[0] - cpu0[1]
+    cpu1 = cpu_times()  # DataLoader has joined its workers (and they their curl processes)
+    main_cpu, cpu = cpu1.own - cpu0.own, cpu1.total - cpu0.total
     if n != expect:
         raise SystemExit(f"read {n} samples, expected {expect}")
     # From the first batch to the last: the rate the limit's timing (running processes, data in memory) compares
@@ -180,17 +143,12 @@ def time_loader(make: Callable[[], Any], images: Callable[[Any], Any], expect: i
             "wall0": wall0, "first_wall": first_wall}
 
 
-def _limit_worker(paths: list[str], draft: bool, size: int, ready: Any, go: Any, done: Any) -> None:
-    torch.set_num_threads(1)  # as in a DataLoader worker
-    jpegs = [s[IMAGE_KEY] for p in paths for s in read_tar_samples(open(p, "rb"), p)]
-    resize = vs.Resize(size, draft=draft)
-    draft_size = resize.draft_size()
-    ready.put(len(jpegs))
-    go.wait()
-    cpu0 = time.process_time()
-    for data in jpegs:
-        resize(open_image(data, draft_size)).contiguous()  # each image as a finished [3, 224, 224] tensor
-    done.put((len(jpegs), time.process_time() - cpu0))
+def _jpegs(paths: list[str]) -> list[bytes]:
+    out = []
+    for p in paths:
+        with open(p, "rb") as f:
+            out += [s[IMAGE_KEY] for s in read_tar_samples(f, p)]
+    return out
 
 
 def _pipeline_worker(pipe: vs.Pipeline, worker: int, workers: int, done: Any) -> None:
@@ -222,24 +180,13 @@ def run_pipeline_no_ipc(spec: str, workers: int, batch: int, size: int, expect: 
 
 def run_limit(paths: list[str], workers: int, size: int, draft: bool, expect: int) -> dict[str, Any]:
     """`workers` forked processes, each decoding its share of the JPEGs (read into memory before the clock)."""
-    ctx = mp.get_context("fork")
-    ready, done, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_limit_worker, args=(paths[w::workers], draft, size, ready, go, done))
-             for w in range(workers)]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        ready.get()
-    t0 = time.perf_counter()
-    go.set()
-    counts, cpus = zip(*(done.get() for _ in procs))
-    took = time.perf_counter() - t0
-    n = sum(counts)
-    for p in procs:
-        p.join()
+    resize = vs.Resize(size, draft=draft)
+    loads = [lambda w=w: _jpegs(paths[w::workers]) for w in range(workers)]
+    res = decode_limit(loads, resize, resize.draft_size())
+    n = res["images"]
     if n != expect:
         raise SystemExit(f"limit decoded {n} images, expected {expect}")
-    return {"s": took, "samples_per_s": n / took, "cpu_ms_per_sample": sum(cpus) / n * 1e3}
+    return {"s": res["s"], "samples_per_s": n / res["s"], "cpu_ms_per_sample": res["cpu_s"] / n * 1e3}
 
 
 # ---------------------------------------------------------------------------------------------- the 224 job
@@ -262,10 +209,7 @@ def bench_224(args: argparse.Namespace) -> dict[str, Any]:
     paths = build_corpus(args.workdir, args.shards, args.per_shard)
     expect = args.shards * args.per_shard
     manifest, _ = write_manifests(paths, args.repeat)
-    for p in paths:  # warm the page cache
-        with open(p, "rb") as f:
-            while f.read(1 << 20):
-                pass
+    read_all(paths)  # warm the page cache
     folder = os.path.dirname(paths[0])
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in CONTENDERS}
     with LoopbackNginx(folder) as srv:
@@ -337,8 +281,7 @@ def summarize_224(args: argparse.Namespace, results: dict[str, list[dict[str, An
     return {
         "job": f"{args.size}x{args.size} uint8, batch {args.batch}, {args.workers} workers",
         "samples": expect, "shards": len(paths), "bytes": sum(os.path.getsize(p) for p in paths),
-        "rounds": args.rounds, "python": platform.python_version(), "torch": torch.__version__,
-        "cpus": os.cpu_count(), "loadavg_end": os.getloadavg(), "rows": rows,
+        "rounds": args.rounds, "loadavg_end": os.getloadavg(), "rows": rows,
         "vlmstream_over_webdataset": _ratios(results, "vlmstream", "webdataset"),
         "vlmstream_over_limit": _ratios(results, "vlmstream", "limit"),
         "vlmstream_steady_over_limit": _ratios(results, "vlmstream", "limit", "steady_samples_per_s"),
@@ -350,7 +293,7 @@ def summarize_224(args: argparse.Namespace, results: dict[str, list[dict[str, An
 
 def print_224(res: dict[str, Any]) -> None:
     print(f"{res['samples']} samples in {res['shards']} shards ({res['bytes'] / 1e6:.0f} MB) over nginx on loopback, "
-          f"{res['job']}, {res['rounds']} rounds, Python {res['python']}, torch {res['torch']}, {res['cpus']} CPUs")
+          f"{res['job']}, {res['rounds']} rounds; {machine_line(res['machine'])}")
     print(f"{'contender':<19} {'best/s':>8} {'median/s':>9} {'CPU ms/sample':>14} {'1st batch s':>12} "
           f"{'requests (before 1st batch)':>28}")
     for name, r in res["rows"].items():
@@ -370,78 +313,19 @@ def print_224(res: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------- memory
 
 
-def _status_kb(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
-
-
-def _pss_kb(pid: int) -> int:
-    """Proportional set size: shared pages (torch's libraries, copy-on-write after fork) split among sharers."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return 0
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(c) for c in f.read().split()]
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return out
-
-
-class RSSSampler(threading.Thread):
-    """Every `period` seconds, the summed VmRSS and PSS of this process and its children; each one's VmHWM."""
-
-    def __init__(self, period: float = 0.05):
-        super().__init__(daemon=True)
-        self.period, self.stop = period, threading.Event()
-        self.peak_sum = self.peak_main = self.peak_pss = 0
-        self.hwm: dict[int, int] = {}
-
-    def run(self) -> None:
-        me = os.getpid()
-        while not self.stop.is_set():
-            pids = [me] + _children(me)
-            rss = [_status_kb(p, "VmRSS") for p in pids]
-            self.peak_sum = max(self.peak_sum, sum(rss))
-            self.peak_main = max(self.peak_main, rss[0])
-            self.peak_pss = max(self.peak_pss, sum(_pss_kb(p) for p in pids))
-            for p in pids:
-                self.hwm[p] = max(self.hwm.get(p, 0), _status_kb(p, "VmHWM"))
-            self.stop.wait(self.period)
-
-
 def memory_run(args: argparse.Namespace) -> None:
     """One epoch in this (fresh) process; prints a JSON line."""
-    sampler = RSSSampler()
-    sampler.start()
-    pipe = vlmstream_pipeline(args.memory_run, args.batch, args.size, shuffle=args.shuffle)
-    t0 = time.perf_counter()
-    n = 0
-    for b in vs.Loader(pipe, num_workers=args.workers):
-        n += b[IMAGE_KEY].shape[0]
-    took = time.perf_counter() - t0
-    time.sleep(0.1)
-    sampler.stop.set()
-    sampler.join()
-    print(json.dumps({"samples": n, "s": took, "peak_rss_sum_kb": sampler.peak_sum, "peak_pss_sum_kb": sampler.peak_pss,
-                      "peak_main_kb": sampler.peak_main, "hwm_sum_kb": sum(sampler.hwm.values()),
-                      "processes": len(sampler.hwm)}))
+    with PeakRSS(pss=True) as rss:
+        pipe = vlmstream_pipeline(args.memory_run, args.batch, args.size, shuffle=args.shuffle)
+        t0 = time.perf_counter()
+        n = 0
+        for b in vs.Loader(pipe, num_workers=args.workers):
+            n += b[IMAGE_KEY].shape[0]
+        took = time.perf_counter() - t0
+        time.sleep(0.1)
+    print(json.dumps({"samples": n, "s": took, "peak_rss_sum_kb": rss.peak_kb, "peak_pss_sum_kb": rss.peak_pss_kb,
+                      "peak_main_kb": rss.peak_main_kb, "hwm_sum_kb": sum(rss.hwm_kb.values()),
+                      "processes": len(rss.hwm_kb)}))
 
 
 def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
@@ -475,7 +359,7 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
                     f"{args.workers} workers",
         "shards": {"N": args.shards, big: args.shards * args.repeat}, "shard_mb": round(
             statistics.mean(os.path.getsize(p) for p in paths) / 1e6, 1),
-        "rounds": args.rounds, "cpus": os.cpu_count(),
+        "rounds": args.rounds,
         "peak_rss_mib": {k: round(v / 1024) for k, v in peak.items()},
         "peak_pss_mib": {k: round(v / 1024) for k, v in pss.items()},
         "hwm_sum_mib": {k: round(v / 1024) for k, v in hwm.items()},
@@ -498,10 +382,7 @@ def print_memory(res: dict[str, Any]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="/tmp/vlmstream-bench")
-    ap.add_argument("--shards", type=int, default=8)
-    ap.add_argument("--per-shard", type=int, default=1000)
-    ap.add_argument("--rounds", type=int, default=3)
+    corpus_arguments(ap)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=224)
@@ -511,12 +392,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--shuffle", type=int, default=1000, help="shuffle buffer of --memory")
     ap.add_argument("--memory-run", help=argparse.SUPPRESS)
-    ap.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     args = ap.parse_args()
     if args.memory_run:
         memory_run(args)
         return
-    res = bench_memory(args) if args.memory else bench_224(args)
+    started_on = machine()  # the load average before the runs
+    res = {**(bench_memory(args) if args.memory else bench_224(args)), "machine": started_on}
     if args.json:
         print(json.dumps(res, indent=1))
     elif args.memory:

@@ -1,11 +1,11 @@
 """Benchmark the batch stage's row-by-row collation in one process: decode(Resize(224)) -> batch(32).
 
-    python tools/bench_batch.py [--workdir /tmp/vlmstream-bench] [--samples 256] [--rounds 30]
+    python tools/bench/batch.py [--workdir /tmp/vlmstream-bench] [--samples 256] [--rounds 30]
 
-The samples (640x480 photo JPEGs with a JSON conversation, tools/bench_tar.py's corpus) are read into memory
+The samples (640x480 photo JPEGs with a JSON conversation, tools/bench/common.py's corpus) are read into memory
 first; each round decodes them to [3, 224, 224] uint8 tensors and batches them, in turn:
 
-  rows        vs.batch(32): each sample's tensors copied into their rows as it arrives (vlmstream.batch.Rows)
+  rows        vs.batch(32): each sample's tensors copied into their rows as it arrives (vlmstream.stages.batch.Rows)
   at_the_end  vs.default_collate of the same 32 samples once all are there (what vs.batch did before)
   limit       the same decode and resize in a bare loop, each image made planar with .contiguous(), no batches
 
@@ -23,15 +23,15 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]  # the checkout's vlmstream; tools/
 
 import torch  # noqa: E402
 
 import vlmstream as vs  # noqa: E402
-from bench_tar import build_corpus  # noqa: E402
-from vlmstream.stages.decode import open_image# noqa: E402
-from vlmstream.io.tar import read_tar_samples# noqa: E402
+from bench.common import IMAGE_KEY, build_corpus  # noqa: E402
+from vlmstream.io.tar import read_tar_samples  # noqa: E402
+from vlmstream.stages.decode import open_image  # noqa: E402
 
 
 def main() -> None:
@@ -61,7 +61,7 @@ def main() -> None:
 
     def limit() -> None:
         for s in samples:
-            resize(open_image(s["0.jpg"], resize.draft_size())).contiguous()
+            resize(open_image(s[IMAGE_KEY], resize.draft_size())).contiguous()
 
     at_the_end = vs.batch(32, collate=lambda xs: vs.default_collate(xs, reused))
     runs = {"rows": lambda: chain(vs.batch(32)), "at_the_end": lambda: chain(at_the_end), "limit": limit}

@@ -1,14 +1,12 @@
 """Benchmark the VLM job (issue 4): photo JPEGs with multi-turn conversations -> tiles -> tokens -> packed batches.
 
-    python tools/bench_vlm.py [--workdir /tmp/vlmstream-bench] [--shards 4] [--per-shard 250] [--rounds 3]
+    python tools/bench/vlm.py [--workdir /tmp/vlmstream-bench] [--shards 4] [--per-shard 250] [--rounds 3]
                               [--workers 2] [--output float|uint8] [--prefix] [--breakdown N] [--json]
 
-The corpus: tools/bench_tar.py's photo generator (640x480 JPEGs of ~55 KB cut from scikit-image's photos),
-each photo with a multi-turn conversation in vlmstream's format (docs/FORMAT.md): one ``<image>`` placeholder in
-the first user turn, ``"images": ["0.jpg"]``, then 2-6 question/answer turns drawn from easy-VQA's questions
-(a quarter of the samples open with a system turn). Written with ``vlmstream.writer.ShardWriter`` plus an
-``index.json`` manifest, once, under --workdir. The tokenizer is a byte-level BPE (1,000 tokens) trained
-offline on easy-VQA's questions and answers, as tests/vlm_data.py does, wrapped in a ChatTokenizer with
+The corpus and the tokenizer are tools/bench/common.py's: the photo generator's 640x480 JPEGs, each with a
+multi-turn conversation in vlmstream's format (docs/FORMAT.md) of 2-6 question/answer turns drawn from easy-VQA
+(a quarter of the samples open with a system turn), written once under --workdir with an ``index.json``; a
+byte-level BPE (1,000 tokens) trained on easy-VQA's questions and answers, as a ChatTokenizer with
 ``image_token_length=64``.
 
 The job, exactly as a user writes it:
@@ -22,11 +20,9 @@ image tokens) = 325 tokens. Once, before the rounds: the pack fill for buffer si
 corpus's real token counts (images not decoded: their grids come from the JPEG headers), with the tile memory each
 buffer holds. Then each round measures, in this order:
 
-  stages    one pass over the corpus in this process (no DataLoader), each stage's output iterator wrapped in a
-            timer; a stage's own time is the time spent in its ``next()`` minus the time it spent waiting in its
-            upstream's ``next()`` (the source stages, shards..fetch, count as one: fetch reads ahead in a thread).
-            Wall time and CPU time (``time.process_time``: this process, all threads) are both kept; on a shared
-            machine the CPU shares are the steadier figure.
+  stages    one pass over the corpus in this process (no DataLoader), with the pipeline's own telemetry: a stage's
+            own time is the time in its ``next()`` minus its upstream's (``Pipeline.stats()``); the source
+            stages, shards..fetch, count as one (fetch reads ahead in a thread). CPU time of the whole pass too.
   breakdown decode's own steps (JPEG decode, resize to the tile grid, global view, cutting tiles, to tensor) timed
             apart on the first N samples, in CPU time (``--breakdown 0`` skips it).
   prefix    only with ``--prefix``: the chain cut after tar_samples, decode, tokenize, pack and batch, each run
@@ -37,7 +33,8 @@ buffer holds. Then each round measures, in this order:
 
 Throughput figures count what the emitted batches hold: samples (packed keys), input tokens (attention mask),
 image tokens (``<|image|>`` ids; the tiles' markers are counted apart), batches, and the pack fill (tokens per
-4096-token row, separators included). Medians over rounds are reported, and the best rates beside them.
+4096-token row, separators included). Medians over rounds are reported, and the best rates beside them; the
+peak RSS is of the whole run, this process and its workers together.
 """
 
 from __future__ import annotations
@@ -45,98 +42,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import sys
 import time
-from multiprocessing import Pool
 from typing import Any, Callable, Iterator
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]  # the checkout's vlmstream; tools/
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import vlmstream as vs  # noqa: E402
 import vlmstream.core.loader  # noqa: E402,F401  (all modules loaded now: edits to the tree mid-run cannot mix versions)
-from bench_tar import _jpeg, _photos  # noqa: E402  (the photo generator of the tar benchmark)
-from vlmstream.dataset.format import Conversation, sample_key, sample_members, write_manifest# noqa: E402
-from vlmstream.stages.tokenize import ChatTokenizer, train_bpe# noqa: E402
-from vlmstream.dataset.writer import ShardWriter, sample_bytes# noqa: E402
+from bench.common import IMAGE_KEY, build_vlm_corpus, corpus_arguments, cpu_times, read_all, vlm_tokenizer  # noqa: E402
+from vlmstream.cli.bench import PeakRSS, machine, machine_line  # noqa: E402
+from vlmstream.stages.tokenize import ChatTokenizer  # noqa: E402
 
 SEQ_LEN, MAX_IMAGES, BATCH, TILE, MAX_SIDE, RUN = 4096, 18, 8, 512, 1024, 64
 STAGES = ("source", "tar_samples", "decode", "tokenize", "pack", "batch")  # source: shards, splits, fetch
-SYSTEM = "You are a helpful assistant. Answer each question about the picture in one or two words."
-
-
-# ------------------------------------------------------------------------------------------------ corpus
-
-
-def _easyvqa_turns() -> list[list[tuple[str, str]]]:
-    """easy-VQA's (question, answer) pairs, grouped by the image they were asked about."""
-    import easy_vqa
-
-    questions, answers, ids = easy_vqa.get_train_questions()
-    by_image: dict[int, list[tuple[str, str]]] = {}
-    for q, a, i in zip(questions, answers, ids):
-        by_image.setdefault(i, []).append((q, a))
-    return [by_image[i] for i in sorted(by_image)]
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker() -> None:
-    _WORKER["photos"] = _photos()
-    _WORKER["turns"] = _easyvqa_turns()
-
-
-def _conversation(rng: np.random.Generator, turns: list[list[tuple[str, str]]]) -> Conversation:
-    qa = turns[rng.integers(len(turns))]
-    n = int(min(len(qa), rng.integers(2, 7)))
-    picked = [qa[j] for j in sorted(rng.choice(len(qa), size=n, replace=False))]
-    messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.25 else []
-    for t, (q, a) in enumerate(picked):
-        messages += [{"role": "user", "content": ("<image>\n" if t == 0 else "") + q},
-                     {"role": "assistant", "content": a}]
-    return Conversation(messages, ["0.jpg"])
-
-
-def _encode_sample(index: int) -> bytes:
-    """One sample's tar bytes; seeded by its index, so the corpus is the same whatever the process count."""
-    rng = np.random.default_rng([4, index])
-    conv = _conversation(rng, _WORKER["turns"])
-    return sample_bytes(sample_key(index), sample_members(conv, [_jpeg(rng, _WORKER["photos"])]))
-
-
-def build_corpus(workdir: str, shards: int, per_shard: int) -> str:
-    """The manifest path, building the shards (two processes encode, one writes) the first time."""
-    folder = os.path.join(workdir, f"vlm-{shards}x{per_shard}")
-    index = os.path.join(folder, "index.json")
-    if os.path.exists(index):
-        return index
-    print(f"building {shards} shards under {folder} (once) ...", file=sys.stderr)
-    with Pool(2, initializer=_init_worker) as pool, ShardWriter(folder, maxcount=per_shard) as w:
-        for data in pool.imap(_encode_sample, range(shards * per_shard), chunksize=16):
-            w.write_encoded(data)
-    write_manifest(index, w.shards)
-    return index
-
-
-def build_tokenizer(workdir: str) -> ChatTokenizer:
-    """The easy-VQA BPE (trained once, kept under workdir) with the chat template and image tokens."""
-    from tokenizers import Tokenizer
-
-    path = os.path.join(workdir, "easyvqa-bpe-1000.json")
-    if not os.path.exists(path):
-        import easy_vqa
-
-        questions, answers, _ = easy_vqa.get_train_questions()
-        train_bpe(questions + answers, vocab_size=1000, path=path + ".tmp")
-        os.replace(path + ".tmp", path)
-    return ChatTokenizer(Tokenizer.from_file(path), image_token_length=RUN)
+SOURCE = 4  # the pipeline's first four stages make up "source"
 
 
 # ------------------------------------------------------------------------------------------------- chain
@@ -147,26 +71,6 @@ def stages(index: str, tok: ChatTokenizer, output: str) -> list[Callable[[Iterat
     return [vs.shards(index, seed=0), vs.split_by_node(0, 1), vs.split_by_worker(), vs.fetch(), vs.tar_samples(),
             vs.decode(vs.ImageTiles(tile=TILE, max_side=MAX_SIDE, output=output)), vs.tokenize(tok, max_len=SEQ_LEN),
             vs.pack(SEQ_LEN, max_images=MAX_IMAGES), vs.batch(BATCH)]
-
-
-class Timed:
-    """An iterator that adds up the wall and CPU time (this process, all threads) spent in its source's ``next()``."""
-
-    def __init__(self, it: Iterator[Any]):
-        self.it, self.seconds, self.cpu, self.items = iter(it), 0.0, 0.0, 0
-
-    def __iter__(self) -> "Timed":
-        return self
-
-    def __next__(self) -> Any:
-        t0, c0 = time.perf_counter(), time.process_time()
-        try:
-            x = next(self.it)
-        finally:
-            self.seconds += time.perf_counter() - t0
-            self.cpu += time.process_time() - c0
-        self.items += 1
-        return x
 
 
 class Counts:
@@ -202,26 +106,19 @@ class Counts:
 
 
 def run_stages(index: str, tok: ChatTokenizer, output: str) -> dict[str, Any]:
-    """One in-process pass with a timer on every stage's output: each stage's own seconds."""
+    """One in-process pass with the pipeline's telemetry on: each stage's own seconds and items out."""
     chain = stages(index, tok, output)
-    ctx = vs.Context()
+    pipe = vs.Pipeline(*chain, rank=0, world_size=1, telemetry=True)
     counts = Counts(tok)
     t0, c0 = time.perf_counter(), time.process_time()
-    it: Iterator[Any] = iter(())
-    timers: list[Timed] = []
-    for i, stage in enumerate(chain):
-        stage.bind(ctx) if hasattr(stage, "bind") else None
-        it = stage(it)
-        if i >= 3:  # after fetch: source, tar_samples, decode, tokenize, pack, batch
-            it = Timed(it)
-            timers.append(it)
-    for b in it:
+    for b in pipe:
         counts.add(b)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    own = [timers[0].seconds] + [timers[k].seconds - timers[k - 1].seconds for k in range(1, len(timers))]
-    own_cpu = [timers[0].cpu] + [timers[k].cpu - timers[k - 1].cpu for k in range(1, len(timers))]
+    rep = pipe.stats().stages
+    own = [sum(x.own_s for x in rep[:SOURCE])] + [x.own_s for x in rep[SOURCE:]]
+    items = [rep[SOURCE - 1].items_out] + [x.items_out for x in rep[SOURCE:]]
     pack = chain[7]
-    return {"wall_s": wall, "cpu_s": cpu, "stage_s": dict(zip(STAGES, own)), "stage_cpu_s": dict(zip(STAGES, own_cpu)), "items": dict(zip(STAGES, [t.items for t in timers])),
+    return {"wall_s": wall, "cpu_s": cpu, "stage_s": dict(zip(STAGES, own)), "items": dict(zip(STAGES, items)),
             "pack_fill": pack.stats.fill, "pack_samples": pack.stats.samples, "counts": counts.totals(),
             "rates": counts.rates(wall)}
 
@@ -241,20 +138,20 @@ def run_prefixes(index: str, tok: ChatTokenizer, output: str) -> dict[str, float
 
 def run_loader(index: str, tok: ChatTokenizer, output: str, workers: int) -> dict[str, Any]:
     counts = Counts(tok)
-    t0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
+    t0, c0 = time.perf_counter(), cpu_times()
     first = None
     for b in vs.Loader(vs.Pipeline(*stages(index, tok, output), rank=0, world_size=1), num_workers=workers):
         first = first or time.perf_counter() - t0
         counts.add(b)
     wall = time.perf_counter() - t0
-    cpu = time.process_time() - c0 + _children_cpu() - k0  # the workers have been joined: their CPU is counted
+    cpu = cpu_times().total - c0.total  # the workers have been joined: their CPU is counted
     return {"wall_s": wall, "cpu_s": cpu, "first_batch_s": first, "counts": counts.totals(), "rates": counts.rates(wall)}
 
 
 def decode_breakdown(index: str, tok: ChatTokenizer, output: str, n: int) -> dict[str, float]:
     """Where decode's time goes: ImageTiles' steps, one by one, over the first n samples (CPU ms per sample).
 
-    The same calls as ``decode(ImageTiles(...))`` makes (vlmstream.tiles), timed apart; their sum should come
+    The same calls as ``decode(ImageTiles(...))`` makes (vlmstream.stages.tiles), timed apart; their sum should come
     close to the decode stage's own time.
     """
     from vlmstream.stages.decode import open_image
@@ -262,7 +159,7 @@ def decode_breakdown(index: str, tok: ChatTokenizer, output: str, n: int) -> dic
     tiles = vs.ImageTiles(tile=TILE, max_side=MAX_SIDE, output=output)
     raw = []
     for s in vs.Pipeline(*stages(index, tok, output)[:5], rank=0, world_size=1):
-        raw.append(s["0.jpg"])
+        raw.append(s[IMAGE_KEY])
         if len(raw) == n:
             break
     steps = dict.fromkeys(("jpeg_decode", "resize_to_grid", "global_view", "assemble", "to_float"), 0.0)
@@ -321,16 +218,6 @@ def pack_fill_by_buffer(index: str, tok: ChatTokenizer, output: str, buffers: li
             "tile_mb_per_sample": mean_bytes / 1e6, "by_buffer": rows}
 
 
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def _peak_rss_mb() -> dict[str, float]:
-    return {"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
-
-
 # -------------------------------------------------------------------------------------------------- main
 
 
@@ -338,8 +225,7 @@ def summarize(rounds: list[dict[str, Any]], samples: int) -> dict[str, Any]:
     med, best = statistics.median, min
     st = [r["stages"] for r in rounds]
     stage_med = {s: med(r["stage_s"][s] for r in st) for s in STAGES}
-    stage_cpu = {s: med(r["stage_cpu_s"][s] for r in st) for s in STAGES}
-    total, total_cpu = sum(stage_med.values()), sum(stage_cpu.values())
+    total = sum(stage_med.values())
     out: dict[str, Any] = {
         "in_process": {
             "wall_s": {"median": med(r["wall_s"] for r in st), "best": best(r["wall_s"] for r in st)},
@@ -347,8 +233,6 @@ def summarize(rounds: list[dict[str, Any]], samples: int) -> dict[str, Any]:
             "stage_s": stage_med,
             "stage_share": {s: v / total for s, v in stage_med.items()},
             "stage_ms_per_sample": {s: 1000 * v / samples for s, v in stage_med.items()},
-            "stage_cpu_share": {s: v / total_cpu for s, v in stage_cpu.items()},
-            "stage_cpu_ms_per_sample": {s: 1000 * v / samples for s, v in stage_cpu.items()},
             "best_rates": {k: (max if k != "seconds" else min)(r["rates"][k] for r in st) for k in st[0]["rates"]},
             "all_wall_s": [r["wall_s"] for r in st],
             "counts": st[0]["counts"], "pack_fill": st[0]["pack_fill"],
@@ -382,7 +266,7 @@ def summarize(rounds: list[dict[str, Any]], samples: int) -> dict[str, Any]:
 def print_summary(res: dict[str, Any]) -> None:
     c = res["in_process"]["counts"]
     print(f"{res['samples']} samples in {res['shards']} shards ({res['bytes'] / 1e6:.0f} MB), tiles as "
-          f"{res['output']}, {res['rounds']} rounds (medians), Python {res['python']}, {res['cpus']} CPUs")
+          f"{res['output']}, {res['rounds']} rounds (medians); {machine_line(res['machine'])}")
     print(f"per batch: {c['rows'] / c['batches']:.2f} rows, {c['samples'] / c['batches']:.1f} samples, "
           f"{c['tokens'] / c['batches']:.0f} tokens ({c['image_tokens'] / c['tokens']:.1%} image tokens, "
           f"{c['marker_tokens'] / c['tokens']:.1%} tile markers), {c['tiles'] / c['batches']:.0f} tiles; "
@@ -398,11 +282,10 @@ def print_summary(res: dict[str, Any]) -> None:
               f"({b['tokens_per_s']:>6,.0f}) {r['image_tokens_per_s']:>7,.0f} ({b['image_tokens_per_s']:>6,.0f}) "
               f"{r['batches_per_s']:>5.3f} ({b['batches_per_s']:.3f}) {x['cpu_ms_per_sample']:>14.1f}")
     ip = res["in_process"]
-    print(f"{'stage':<12} {'wall s':>8} {'share':>7} {'ms/sample':>10} {'CPU share':>10} {'CPU ms/sample':>14}"
-          + (f" {'prefix s':>9} {'share':>7}" if "prefix" in res else ""))
+    print(f"{'stage':<12} {'wall s':>8} {'share':>7} {'ms/sample':>10}" + (f" {'prefix s':>9} {'share':>7}"
+                                                                           if "prefix" in res else ""))
     for s in STAGES:
-        line = (f"{s:<12} {ip['stage_s'][s]:>8.2f} {ip['stage_share'][s]:>7.1%} {ip['stage_ms_per_sample'][s]:>10.3f} "
-                f"{ip['stage_cpu_share'][s]:>10.1%} {ip['stage_cpu_ms_per_sample'][s]:>14.3f}")
+        line = f"{s:<12} {ip['stage_s'][s]:>8.2f} {ip['stage_share'][s]:>7.1%} {ip['stage_ms_per_sample'][s]:>10.3f}"
         if "prefix" in res and s in res["prefix"]["stage_s"]:
             line += f" {res['prefix']['stage_s'][s]:>9.2f} {res['prefix']['stage_share'][s]:>7.1%}"
         print(line)
@@ -411,15 +294,29 @@ def print_summary(res: dict[str, Any]) -> None:
     f = res["pack_fill_by_buffer"]
     print(f"pack buffer -> fill (tiles held, MB; {f['tile_mb_per_sample']:.1f} MB a sample): " + ", ".join(
         f"{b}: {r['fill']:.1%} ({r['buffer_mb']:,.0f})" for b, r in f["by_buffer"].items()))
-    print(f"peak RSS MB: {res['peak_rss_mb']}")
+    print(f"peak RSS (this process and its workers): {res['peak_rss_mib']:,.0f} MiB")
+
+
+def run_round(index: str, tok: ChatTokenizer, args: argparse.Namespace, r: int, samples: int) -> dict[str, Any]:
+    """One round: the stages in one process, the decode breakdown, the prefixes, the loader (as asked)."""
+    one: dict[str, Any] = {"stages": run_stages(index, tok, args.output)}
+    if args.breakdown:
+        one["breakdown"] = decode_breakdown(index, tok, args.output, args.breakdown)
+    if args.prefix:
+        one["prefix"] = run_prefixes(index, tok, args.output)
+    if not args.no_loader:
+        one["loader"] = run_loader(index, tok, args.output, args.workers)
+    got = one["stages"]["counts"]["samples"]
+    if got != samples:
+        raise SystemExit(f"round {r}: {got} samples in batches, expected {samples}")
+    print(f"round {r + 1}/{args.rounds}: in-process {one['stages']['wall_s']:.1f} s"
+          + (f", loader {one['loader']['wall_s']:.1f} s" if "loader" in one else ""), file=sys.stderr)
+    return one
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="/tmp/vlmstream-bench")
-    ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--per-shard", type=int, default=250)
-    ap.add_argument("--rounds", type=int, default=3)
+    corpus_arguments(ap, shards=4, per_shard=250)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--output", choices=("float", "uint8"), default="float", help="ImageTiles output")
     ap.add_argument("--prefix", action="store_true", help="also time the chain's prefixes (4 more passes a round)")
@@ -427,41 +324,26 @@ def main() -> None:
     ap.add_argument("--no-loader", action="store_true", help="skip the DataLoader run")
     ap.add_argument("--breakdown", type=int, default=50, metavar="N",
                     help="time ImageTiles' steps apart on the first N samples each round (0: skip)")
-    ap.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     args = ap.parse_args()
 
-    index = build_corpus(args.workdir, args.shards, args.per_shard)
-    tok = build_tokenizer(args.workdir)
+    index = build_vlm_corpus(args.workdir, args.shards, args.per_shard)
+    tok = vlm_tokenizer(args.workdir, RUN)
     folder = os.path.dirname(index)
     shard_paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".tar")]
-    for p in shard_paths:  # warm the page cache
-        with open(p, "rb") as f:
-            while f.read(1 << 20):
-                pass
+    read_all(shard_paths)  # warm the page cache
     samples = args.shards * args.per_shard
 
     fill = pack_fill_by_buffer(index, tok, args.output, [16, 32, 64, 128, 256, 512])
-    rounds, loads = [], [os.getloadavg()[0]]
-    for r in range(args.rounds):
-        one: dict[str, Any] = {"stages": run_stages(index, tok, args.output)}
-        if args.breakdown:
-            one["breakdown"] = decode_breakdown(index, tok, args.output, args.breakdown)
-        if args.prefix:
-            one["prefix"] = run_prefixes(index, tok, args.output)
-        if not args.no_loader:
-            one["loader"] = run_loader(index, tok, args.output, args.workers)
-        got = one["stages"]["counts"]["samples"]
-        if got != samples:
-            raise SystemExit(f"round {r}: {got} samples in batches, expected {samples}")
-        print(f"round {r + 1}/{args.rounds}: in-process {one['stages']['wall_s']:.1f} s"
-              + (f", loader {one['loader']['wall_s']:.1f} s" if "loader" in one else ""), file=sys.stderr)
-        rounds.append(one)
-        loads.append(os.getloadavg()[0])
+    rounds, loads, started_on = [], [os.getloadavg()[0]], machine()
+    with PeakRSS() as rss:
+        for r in range(args.rounds):
+            rounds.append(run_round(index, tok, args, r, samples))
+            loads.append(os.getloadavg()[0])
 
     res = {"samples": samples, "shards": args.shards, "bytes": sum(os.path.getsize(p) for p in shard_paths),
-           "rounds": args.rounds, "workers": args.workers, "output": args.output, "python": platform.python_version(),
-           "torch": torch.__version__, "cpus": os.cpu_count(), **summarize(rounds, samples),
-           "pack_fill_by_buffer": fill, "peak_rss_mb": _peak_rss_mb(), "load_avg": loads}
+           "rounds": args.rounds, "workers": args.workers, "output": args.output, "machine": started_on,
+           **summarize(rounds, samples), "pack_fill_by_buffer": fill, "peak_rss_mib": rss.peak_kb / 1024,
+           "load_avg": loads}
     if args.json:
         print(json.dumps(res, indent=1))
     else:

@@ -1,13 +1,13 @@
 """How fast a resume is: time from `load_state_dict` to the first batch, against replaying to the same point.
 
-The 224 job's corpus (640x480 photo JPEGs, tools/bench_tar.py) through shards -> split -> fetch -> tar ->
+The 224 job's corpus (640x480 photo JPEGs, tools/bench/common.py) through shards -> split -> fetch -> tar ->
 shuffle(2000) -> decode(Resize(224)) -> batch(32) with 2 DataLoader workers, local shards. A run is stopped
 after K batches and its loader state saved; then, in this process, a fresh Loader
   - resumes from the state (load_state_dict, then the first batch), and
   - the naive way: starts the epoch again and throws away K batches (what a loader without state must do).
 Both are timed to their first useful batch; the state's size is reported too.
 
-    python tools/bench_resume.py [--batches 60] [--workdir /tmp/vlmstream-bench]
+    python tools/bench/resume.py [--batches 100] [--workdir /tmp/vlmstream-bench]
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import bench_tar  # noqa: E402  (the corpus builder)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]  # the checkout's vlmstream; tools/
 
 import vlmstream as vs  # noqa: E402
+from bench.common import build_corpus  # noqa: E402
 
 
 def loader_for(paths: list[str]) -> vs.Loader:
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=100, help="K: batches delivered before the checkpoint")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    paths = bench_tar.build_corpus(args.workdir, args.shards, args.per_shard)
+    paths = build_corpus(args.workdir, args.shards, args.per_shard)
 
     loader = loader_for(paths)
     it = iter(loader)

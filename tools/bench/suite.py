@@ -1,20 +1,23 @@
-"""The benchmarks behind docs/BENCHMARKS.md, in one run: ``vlmstream bench --suite [--only ...] [--write-docs ...]``.
+"""The benchmarks behind docs/BENCHMARKS.md, in one run, from a checkout of the repository.
 
-    vlmstream bench --suite --write-docs docs/BENCHMARKS.md      # everything, then the docs' sections rewritten
-    vlmstream bench --suite --only 224 overhead                  # some sections
-    vlmstream bench --suite --quick --out /tmp/suite             # a small corpus, one round: a smoke test
+    python tools/bench/suite.py --write-docs docs/BENCHMARKS.md      # everything, then the docs' sections rewritten
+    python tools/bench/suite.py --only 224 overhead                  # some sections
+    python tools/bench/suite.py --quick --out /tmp/suite             # a small corpus, one round: a smoke test
+    python tools/bench/suite.py --only docs --write-docs docs/BENCHMARKS.md   # the page again from its .json
+
+``vlmstream bench --suite [...]`` runs this file of the checkout it is imported from, with the same options.
 
 Sections (each one a block of docs/BENCHMARKS.md between ``<!-- vlmstream-bench:NAME -->`` markers):
 
-  tar       the tar reader alone against plain reads and webdataset (tools/bench_tar.py)
+  tar       the tar reader alone against plain reads and webdataset (tools/bench/tar.py)
   224       the 224 job side by side, rounds interleaved: vlmstream and webdataset over nginx on loopback,
             vlmstream on the same shards as local files, Hugging Face ``datasets`` streaming the same samples
             as local Parquet files, and the bare decode limit with and without JPEG draft decoding
-            (the contenders of tools/bench_pipeline.py, plus the two local ones)
-  vlm       the VLM job: tiles, tokenize, pack, batch (tools/bench_vlm.py; reported as missing if it is absent)
+            (the contenders of tools/bench/pipeline.py, plus the two local ones)
+  vlm       the VLM job: tiles, tokenize, pack, batch (tools/bench/vlm.py; reported as missing if it fails)
   startup   time to the first batch and requests before it (from the 224 runs), and resuming from a
-            checkpoint against replaying (tools/bench_resume.py)
-  memory    peak RSS over N and 10N shards (tools/bench_pipeline.py --memory)
+            checkpoint against replaying (tools/bench/resume.py)
+  memory    peak RSS over N and 10N shards (tools/bench/pipeline.py --memory)
   overhead  the telemetry's cost: a chain of pass-through stages (per item and stage), the 224 job in one
             process and through vs.Loader, and the VLM job in one process, each with telemetry on and off
             in alternating runs
@@ -36,19 +39,27 @@ import sys
 import time
 from typing import Any, Callable
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TOOLS)
-sys.path.insert(0, TOOLS)
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path[:0] = [ROOT, os.path.dirname(HERE)]  # the checkout's vlmstream; tools/
 
-from vlmstream.cli.bench import machine, machine_line, overhead_figures# noqa: E402
-from vlmstream.progress import bar# noqa: E402
+from bench.common import (build_corpus, build_vlm_corpus, cpu_times, read_all, vlm_tokenizer,  # noqa: E402
+                          write_manifests, write_parquet)
+from loopback_nginx import LoopbackNginx  # noqa: E402  (tools/loopback_nginx.py)
+from vlmstream.cli.bench import Bars, draw, machine, machine_line, overhead_figures  # noqa: E402
+from vlmstream.progress import bar  # noqa: E402
 
 SECTIONS = ("tar", "224", "vlm", "startup", "memory", "overhead")
 MARK = "<!-- vlmstream-bench:{} -->"
 END = "<!-- /vlmstream-bench:{} -->"
 TITLES = {"summary": "Summary", "tar": "Tar reading alone", "224": "The 224 job", "vlm": "The VLM job",
           "startup": "Startup", "memory": "Memory against dataset length", "overhead": "Telemetry overhead"}
+SUITE = "python tools/bench/suite.py"
+
+
+def command(name: str) -> str:
+    """The command that reruns a section (startup's first-batch table comes from the 224 runs)."""
+    return f"{SUITE} --only {'224 startup' if name == 'startup' else name}"
 
 
 class Config:
@@ -70,15 +81,16 @@ class Config:
 
 
 def run_tool(script: str, *argv: str) -> dict[str, Any]:
-    """A tools/ benchmark with --json, its progress lines passed through on stderr."""
-    path = os.path.join(TOOLS, script)
+    """A tools/bench/ benchmark with --json in a process of its own, its progress lines passed through on
+    stderr; the figures it printed, with the command that reproduces them."""
+    path = os.path.join(HERE, script)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"tools/{script} is not there")
+        raise FileNotFoundError(f"tools/bench/{script} is not there")
     proc = subprocess.run([sys.executable, path, *argv, "--json"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     if proc.returncode:
-        raise RuntimeError(f"tools/{script} {' '.join(argv)} exited with status {proc.returncode}")
+        raise RuntimeError(f"tools/bench/{script} {' '.join(argv)} exited with status {proc.returncode}")
     out = proc.stdout
-    return json.loads(out[out.index("{"):])
+    return {**json.loads(out[out.index("{"):]), "tool_command": f"python tools/bench/{script} {' '.join(argv)}"}
 
 
 # ------------------------------------------------------------------------------------------------------- tar
@@ -86,10 +98,7 @@ def run_tool(script: str, *argv: str) -> dict[str, Any]:
 
 def section_tar(cfg: Config) -> dict[str, Any]:
     rounds = 3 if cfg.quick else 7
-    res = run_tool("bench_tar.py", *cfg.corpus_args(), "--rounds", str(rounds))
-    res["command"] = "vlmstream bench --suite --only tar"
-    res["tool_command"] = f"python tools/bench_tar.py --rounds {rounds}"
-    return res
+    return run_tool("tar.py", *cfg.corpus_args(), "--rounds", str(rounds))
 
 
 def md_tar(r: dict[str, Any]) -> str:
@@ -109,31 +118,6 @@ def md_tar(r: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- 224
-
-
-def write_parquet(paths: list[str], image_key: str = "0.jpg") -> list[str]:
-    """The corpus as Parquet, one file per shard (the same samples: key, JPEG bytes, JSON text), written once."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from vlmstream.io.tar import read_tar_samples
-
-    folder = os.path.dirname(paths[0]) + "-parquet"
-    os.makedirs(folder, exist_ok=True)
-    out = []
-    for p in paths:
-        dst = os.path.join(folder, os.path.basename(p)[:-4] + ".parquet")
-        if not os.path.exists(dst) or os.path.getmtime(dst) < os.path.getmtime(p):
-            rows: dict[str, list[Any]] = {"key": [], "jpg": [], "json": []}
-            with open(p, "rb") as f:
-                for s in read_tar_samples(f, p):
-                    rows["key"].append(s["__key__"])
-                    rows["jpg"].append(s[image_key])
-                    rows["json"].append(s["json"].decode())
-            pq.write_table(pa.table(rows), dst + ".tmp", row_group_size=100)
-            os.replace(dst + ".tmp", dst)
-        out.append(dst)
-    return out
 
 
 def run_hf_datasets(files: list[str], workers: int, batch: int, size: int) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
@@ -167,20 +151,17 @@ def hf_datasets_version() -> str | None:
 
 
 def section_224(cfg: Config) -> dict[str, Any]:
-    import bench_pipeline as bp
+    from bench import pipeline as bp
 
-    paths = bp.build_corpus(cfg.workdir, cfg.shards, cfg.per_shard)
+    paths = build_corpus(cfg.workdir, cfg.shards, cfg.per_shard)
     expect = cfg.shards * cfg.per_shard
-    manifest, _ = bp.write_manifests(paths, cfg.repeat)
+    manifest, _ = write_manifests(paths, cfg.repeat)
     folder = os.path.dirname(paths[0])
     parquet = write_parquet(paths) if hf_datasets_version() else None
-    for p in paths + (parquet or []):  # warm the page cache
-        with open(p, "rb") as f:
-            while f.read(1 << 20):
-                pass
+    read_all(paths + (parquet or []))  # warm the page cache
     w, batch, size = cfg.workers, 32, 224
     runs: dict[str, list[dict[str, Any]]] = {}
-    with bp.LoopbackNginx(folder) as srv:
+    with LoopbackNginx(folder) as srv:
         urls = [f"{srv.url}/{os.path.basename(p)}" for p in paths]
         vl = bp.run_vlmstream(f"{srv.url}/{manifest}", w, batch, size)
         vl_local = bp.run_vlmstream(os.path.join(folder, manifest), w, batch, size)
@@ -234,8 +215,7 @@ def section_224(cfg: Config) -> dict[str, Any]:
 
     return {"samples": expect, "shards": len(paths), "bytes": sum(os.path.getsize(p) for p in paths),
             "workers": w, "batch": batch, "size": size, "rounds": cfg.rounds, "rows": rows, "ratios": ratios,
-            "versions": {"webdataset": webdataset.__version__, "datasets": hf_datasets_version()},
-            "command": "vlmstream bench --suite --only 224"}
+            "versions": {"webdataset": webdataset.__version__, "datasets": hf_datasets_version()}}
 
 
 ROW_TEXT = {
@@ -280,12 +260,9 @@ def section_vlm(cfg: Config) -> dict[str, Any]:
     argv = ["--workdir", cfg.workdir, "--shards", str(cfg.vlm_shards), "--per-shard", str(cfg.vlm_per_shard),
             "--rounds", str(cfg.rounds), "--workers", str(cfg.workers), "--no-prefix"]
     try:
-        res = run_tool("bench_vlm.py", *argv)
-    except (FileNotFoundError, RuntimeError, ValueError) as e:  # the hook: bench_vlm.py is another tool's
-        return {"missing": str(e), "command": "vlmstream bench --suite --only vlm"}
-    res["command"] = "vlmstream bench --suite --only vlm"
-    res["tool_command"] = "python tools/bench_vlm.py " + " ".join(argv)
-    return res
+        return run_tool("vlm.py", *argv)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:  # a failed VLM run leaves the other sections be
+        return {"missing": str(e)}
 
 
 def md_vlm(r: dict[str, Any]) -> str:
@@ -317,12 +294,12 @@ def md_vlm(r: dict[str, Any]) -> str:
 
 
 def section_startup(cfg: Config, earlier: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"command": "vlmstream bench --suite --only 224 startup"}
+    out: dict[str, Any] = {}
     if "224" in earlier:
         out["first_batch"] = {k: {kk: v[kk] for kk in ("first_batch_s", "requests", "requests_before_first_batch")
                                   if kk in v} for k, v in earlier["224"]["rows"].items() if "first_batch_s" in v}
     try:
-        out["resume"] = run_tool("bench_resume.py", *cfg.corpus_args(), "--batches", "10" if cfg.quick else "100")
+        out["resume"] = run_tool("resume.py", *cfg.corpus_args(), "--batches", "10" if cfg.quick else "100")
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         out["resume"] = {"missing": str(e)}
     return out
@@ -359,11 +336,8 @@ def md_startup(r: dict[str, Any]) -> str:
 
 
 def section_memory(cfg: Config) -> dict[str, Any]:
-    argv = [*cfg.corpus_args(), "--memory", "--repeat", str(cfg.memory_repeat), "--rounds", "1"]
-    res = run_tool("bench_pipeline.py", *argv)
-    res["command"] = "vlmstream bench --suite --only memory"
-    res["tool_command"] = "python tools/bench_pipeline.py " + " ".join(argv[6:])
-    return res
+    return run_tool("pipeline.py", *cfg.corpus_args(), "--memory", "--repeat", str(cfg.memory_repeat),
+                    "--rounds", "1")
 
 
 def md_memory(r: dict[str, Any]) -> str:
@@ -424,16 +398,10 @@ def passthrough_cost(items: int = 300_000, stages: int = 8, rounds: int = 5) -> 
 
 
 def _timed_run(make: Callable[[], Any], count: Callable[[Any], int]) -> dict[str, Any]:
-    import resource
-
-    def cpu() -> tuple[float, float]:
-        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return me.ru_utime + kids.ru_utime, me.ru_stime + kids.ru_stime
-
-    (u0, s0), t0 = cpu(), time.perf_counter()
+    c0, t0 = cpu_times(), time.perf_counter()
     n = sum(count(b) for b in make())
-    u1, s1 = cpu()
-    return {"s": time.perf_counter() - t0, "cpu_s": u1 - u0 + s1 - s0, "user_s": u1 - u0, "n": n}
+    c1 = cpu_times()
+    return {"s": time.perf_counter() - t0, "cpu_s": c1.total - c0.total, "user_s": c1.user - c0.user, "n": n}
 
 
 def _pinned(flag: bool, make: Callable[[bool], Callable[[], Any]], count: Callable[[Any], int], conn: Any) -> None:
@@ -530,15 +498,14 @@ def section_overhead(cfg: Config) -> dict[str, Any]:
 
 
 def _section_overhead(cfg: Config) -> dict[str, Any]:
-    import bench_pipeline as bp
-
     import vlmstream as vs
+    from bench import pipeline as bp
 
-    paths = bp.build_corpus(cfg.workdir, *cfg.small)
-    manifest, _ = bp.write_manifests(paths, cfg.repeat)
+    paths = build_corpus(cfg.workdir, *cfg.small)
+    manifest, _ = write_manifests(paths, cfg.repeat)
     spec = os.path.join(os.path.dirname(paths[0]), manifest)
     rounds = 2 if cfg.quick else 8
-    out: dict[str, Any] = {"command": "vlmstream bench --suite --only overhead", "rounds": rounds}
+    out: dict[str, Any] = {"rounds": rounds}
     out["passthrough"] = passthrough_cost(100_000 if cfg.quick else 300_000)
 
     def pipe_224(flag: bool) -> Any:
@@ -548,13 +515,13 @@ def _section_overhead(cfg: Config) -> dict[str, Any]:
 
     vlm = None
     try:
-        import bench_vlm
+        from bench import vlm as bench_vlm
 
-        index = bench_vlm.build_corpus(cfg.workdir, 2, 50)  # 100 samples: a run takes seconds, not minutes
-        tok = bench_vlm.build_tokenizer(cfg.workdir)
+        index = build_vlm_corpus(cfg.workdir, 2, 50)  # 100 samples: a run takes seconds, not minutes
+        tok = vlm_tokenizer(cfg.workdir, bench_vlm.RUN)
         vlm = (bench_vlm, index, tok)
-    except Exception as e:  # the hook: bench_vlm.py is another tool's
-        out["vlm_in_process"] = {"missing": f"tools/bench_vlm.py: {type(e).__name__}: {e}"}
+    except Exception as e:  # a failed VLM corpus leaves the other jobs be
+        out["vlm_in_process"] = {"missing": f"tools/bench/vlm.py: {type(e).__name__}: {e}"}
     jobs = 3 + (vlm is not None)
     with bar(total=jobs * 2 * rounds, desc="overhead", unit="run", enabled=cfg.progress) as pb:
         one = lambda b: len(b["__key__"])  # noqa: E731
@@ -648,37 +615,37 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
                 value = f"{r['rows'][k]['best_samples_per_s']:,.0f} samples/s"
                 if k in ratio and ratio[k][0] in r["ratios"]:
                     value += f" ({r['ratios'][ratio[k][0]]['best']:.2f}x {ratio[k][1]})"
-                rows.append((f"224 job: {text}", value, "vlmstream bench --suite --only 224"))
+                rows.append((f"224 job: {text}", value, command("224")))
     if "vlm" in s and "in_process" in s["vlm"]:
         x = s["vlm"].get("loader", s["vlm"]["in_process"])
         rows.append(("VLM job, vs.Loader" if "loader" in s["vlm"] else "VLM job, one process",
                      f"{x['rates']['samples_per_s']:,.1f} samples/s, {x['rates']['tokens_per_s']:,.0f} tokens/s",
-                     "vlmstream bench --suite --only vlm"))
+                     command("vlm")))
     if "tar" in s and "readers" in s["tar"]:
         t = s["tar"]
         rows.append(("tar reading alone: vlmstream", f"{t['readers']['vlmstream']['samples_per_s']:,} samples/s "
-                     f"({t['vlmstream_over_webdataset']:.1f}x webdataset)", "vlmstream bench --suite --only tar"))
+                     f"({t['vlmstream_over_webdataset']:.1f}x webdataset)", command("tar")))
     if "startup" in s:
         fb = s["startup"].get("first_batch", {}).get("vlmstream")
         if fb:
             rows.append(("startup: first batch (vlmstream, HTTP)", f"{fb['first_batch_s']:.2f} s, "
                          f"{fb.get('requests_before_first_batch', '-')} requests before it",
-                         "vlmstream bench --suite --only 224 startup"))
+                         command("startup")))
         rs = s["startup"].get("resume", {})
         if "resume_to_first_batch_s" in rs:
             rows.append(("startup: resume from a checkpoint", f"{rs['resume_to_first_batch_s']:.2f} s "
-                         f"({rs['speedup_vs_replay']:.1f}x faster than replay)", "vlmstream bench --suite --only startup"))
+                         f"({rs['speedup_vs_replay']:.1f}x faster than replay)", command("startup")))
     if "memory" in s and "ratio_peak_rss" in s["memory"]:
         m = s["memory"]
         big = [k for k in m["shards"] if k != "N"][0]
         rows.append((f"memory: peak RSS, N vs {big} shards", f"{m['peak_rss_mib']['N']:,} vs {m['peak_rss_mib'][big]:,} MiB",
-                     "vlmstream bench --suite --only memory"))
+                     command("memory")))
     if "overhead" in s:
         o = s["overhead"]
         rows.append(("telemetry overhead (224 job)", f"{o['224_in_process']['modelled']:.2%} of CPU time from the "
                      f"measured per-item cost; on/off runs {o['224_in_process']['user_overhead']:+.1%} (one process), "
                      f"{o['224_loader']['user_overhead']:+.1%} (Loader) user CPU, within their noise",
-                     "vlmstream bench --suite --only overhead"))
+                     command("overhead")))
     return rows
 
 
@@ -688,11 +655,11 @@ RENDER = {"tar": md_tar, "224": md_224, "vlm": md_vlm, "startup": md_startup, "m
 
 def section_md(name: str, r: dict[str, Any], res: dict[str, Any]) -> str:
     body = RENDER[name](r)
-    cmd = r.get("command", f"vlmstream bench --suite --only {name}")
-    extra = f" (runs `{r['tool_command']}`)" if r.get("tool_command") else ""
+    tool = r.get("tool_command") or (r.get("resume") or {}).get("tool_command")
+    extra = f" (runs `{tool}`)" if tool else ""
     m, when = r.get("machine", res["machine"]), r.get("started", res["started"])
     took = f", in {r['seconds']:,.0f} s" if "seconds" in r else ""
-    return f"{body}\n\nReproduce: `{cmd}`{extra}.\nMachine: {machine_line(m)}; measured {when[:10]}{took}."
+    return f"{body}\n\nReproduce: `{command(name)}`{extra}.\nMachine: {machine_line(m)}; measured {when[:10]}{took}."
 
 
 def summary_md(res: dict[str, Any]) -> str:
@@ -700,7 +667,7 @@ def summary_md(res: dict[str, Any]) -> str:
     for a, b, c in summary_rows(res):
         lines.append(f"| {a} | {b} | `{c}` |")
     lines += ["", f"Machine: {machine_line(res['machine'])}; measured {res['started'][:10]} (each section below "
-              "names its own run). `vlmstream bench --suite --write-docs docs/BENCHMARKS.md` reruns every figure on "
+              f"names its own run). `{SUITE} --write-docs docs/BENCHMARKS.md` reruns every figure on "
               "this page and rewrites its tables; the figures are kept in docs/BENCHMARKS.json."]
     return "\n".join(lines)
 
@@ -749,55 +716,30 @@ def update_docs(path: str, res: dict[str, Any], everything: bool = False) -> lis
 
 
 def chart(res: dict[str, Any], path: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    """The page's chart: the 224 job's contenders, the tar readers, memory against length, telemetry overhead."""
     s = res["sections"]
-    panels = [k for k in ("224", "tar", "memory", "overhead") if k in s and "missing" not in s[k]]
-    if not panels:
-        return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
-    for ax, k in zip(axes[0], panels):
-        if k == "224":
-            rows = s[k]["rows"]
-            names = list(rows)
-            ax.barh(names[::-1], [rows[n]["best_samples_per_s"] for n in names][::-1],
-                    color=["#d9822b" if n.startswith("vlmstream") else "#888888" for n in names][::-1])
-            ax.set_xlabel("samples/s (best)")
-            ax.set_title("224 job, 2 workers", fontsize=10)
-        elif k == "tar":
-            rd = s[k]["readers"]
-            names = list(rd)
-            ax.barh(names[::-1], [rd[n]["samples_per_s"] for n in names][::-1], color="#5b8bd0")
-            ax.set_xscale("log")
-            ax.set_xlabel("samples/s (log)")
-            ax.set_title("tar reading alone", fontsize=10)
-        elif k == "memory":
-            m = s[k]
-            keys = list(m["shards"])
-            ax.bar([f"{m['shards'][x]} shards" for x in keys], [m["peak_rss_mib"][x] for x in keys], color="#5b8bd0")
-            ax.set_ylabel("peak RSS MiB (sum)")
-            ax.set_title("memory against dataset length", fontsize=10)
-        elif k == "overhead":
-            o = s[k]
-            names = [n for n in ("224_in_process", "vlm_in_process", "224_loader", "224_loader_aa")
-                     if n in o and "user_overhead" in o[n]]
-            ax.bar(names, [100 * o[n]["user_overhead"] for n in names],
-                   color=["#bbbbbb" if n.endswith("_aa") else "#5b8bd0" for n in names])
-            ax.axhline(2, color="red", linestyle="--", linewidth=1)
-            ax.axhline(-2, color="red", linestyle="--", linewidth=1)
-            ax.set_ylabel("user CPU time, telemetry on vs off (%)")
-            ax.set_title("telemetry overhead (target: under 2%)", fontsize=10)
-            ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"vlmstream benchmarks: {machine_line(res['machine'])}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    panels = []
+    if "224" in s and "rows" in s["224"]:
+        rows = s["224"]["rows"]
+        panels.append(Bars("224 job, 2 workers", list(rows), [r["best_samples_per_s"] for r in rows.values()],
+                           "samples/s (best)", ["#d9822b" if n.startswith("vlmstream") else "#888888" for n in rows]))
+    if "tar" in s and "readers" in s["tar"]:
+        rd = s["tar"]["readers"]
+        panels.append(Bars("tar reading alone", list(rd), [r["samples_per_s"] for r in rd.values()],
+                           "samples/s (log)", log=True))
+    if "memory" in s and "shards" in s["memory"]:
+        m = s["memory"]
+        panels.append(Bars("memory against dataset length", [f"{n} shards" for n in m["shards"].values()],
+                           [m["peak_rss_mib"][k] for k in m["shards"]], "peak RSS MiB (sum)", horizontal=False))
+    if "overhead" in s:
+        o = s["overhead"]
+        names = [n for n in ("224_in_process", "vlm_in_process", "224_loader", "224_loader_aa")
+                 if n in o and "user_overhead" in o[n]]
+        panels.append(Bars("telemetry overhead (target: under 2%)", names,
+                           [100 * o[n]["user_overhead"] for n in names], "user CPU time, telemetry on vs off (%)",
+                           ["#bbbbbb" if n.endswith("_aa") else "#5b8bd0" for n in names], horizontal=False,
+                           lines=(2, -2)))
+    return draw(panels, path, f"vlmstream benchmarks: {machine_line(res['machine'])}")
 
 
 def main_from_args(args: argparse.Namespace) -> int:
@@ -846,12 +788,18 @@ def main_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def main() -> int:
+    """The suite's command line: `vlmstream bench`'s own options (its --suite group, --workers, --rounds, --out,
+    --json, --progress), so that `vlmstream bench --suite ...` and this file take the same ones."""
     from vlmstream.cli.bench import add_arguments
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
-    a = ap.parse_args()
-    a.suite = True
-    sys.exit(main_from_args(a))
+    args = ap.parse_args()
+    if args.shards:
+        ap.error("the suite runs on the project's own corpus; `vlmstream bench SHARDS` benchmarks yours")
+    return main_from_args(args)
 
+
+if __name__ == "__main__":
+    sys.exit(main())
