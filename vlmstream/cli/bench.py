@@ -171,11 +171,12 @@ class Job:
         self.batch = args.batch or (32 if self.kind == "224" else 8)
         self.tok = None
         if self.kind == "vlm":
-            from .main import load_tokenizer
+            from ..stages.tokenize import ChatTokenizer  # the one tokenizer factory (cli/main's too)
 
             if not args.tokenizer:
                 raise SystemExit("the vlm job needs --tokenizer (a tokenizer.json or a Hub model id)")
-            self.tok = load_tokenizer(args.tokenizer, args.template, args.image_token_length)
+            self.tok = ChatTokenizer.load(args.tokenizer, template=args.template,
+                                          image_token_length=args.image_token_length)
 
     def transform(self) -> Any:
         import vlmstream as vs
