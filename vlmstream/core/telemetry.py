@@ -38,8 +38,9 @@ class StageTimer:
         self.bytes = 0
 
 
-def timed(it: Iterable[Any], rec: StageTimer) -> Iterator[Any]:
-    """`it`'s items, adding the time spent in its ``next()`` and the items it gave to ``rec``."""
+def timed(it: Iterable[Any], rec: StageTimer, count_bytes: bool = False) -> Iterator[Any]:
+    """`it`'s items, adding the time spent in its ``next()`` and the items it gave to ``rec``; with
+    ``count_bytes``, also the bytes members of each sample (where shard bytes become samples)."""
     nxt = iter(it).__next__
     clock = perf_counter
     while True:
@@ -54,34 +55,14 @@ def timed(it: Iterable[Any], rec: StageTimer) -> Iterator[Any]:
             raise
         rec.seconds += clock() - t0
         rec.items += 1
-        yield x
-        x = None  # hold no item while the next is made (a batch of tiles is megabytes)
-
-
-def timed_bytes(it: Iterable[Any], rec: StageTimer) -> Iterator[Any]:
-    """As `timed`, also adding up the bytes members of each sample (shard bytes turned into samples)."""
-    nxt = iter(it).__next__
-    clock = perf_counter
-    while True:
-        t0 = clock()
-        try:
-            x = nxt()
-        except StopIteration:
-            rec.seconds += clock() - t0
-            return
-        except BaseException:
-            rec.seconds += clock() - t0
-            raise
-        rec.seconds += clock() - t0
-        rec.items += 1
-        if type(x) is dict:
+        if count_bytes and type(x) is dict:
             n = 0
             for v in x.values():
                 if type(v) is bytes:
                     n += len(v)
             rec.bytes += n
         yield x
-        x = None
+        x = None  # hold no item while the next is made (a batch of tiles is megabytes)
 
 
 def stage_name(stage: Any, k: int) -> str:
@@ -139,7 +120,7 @@ class Telemetry:
         self.state_s = 0.0
 
     def wrap(self, k: int, it: Iterable[Any], count_bytes: bool = False) -> Iterator[Any]:
-        return (timed_bytes if count_bytes else timed)(it, self.timers[k])
+        return timed(it, self.timers[k], count_bytes)
 
     def snapshot(self, stages: Sequence[Any] = ()) -> dict[str, Any]:
         """Plain numbers (cheap to send with a batch): per stage [items out, seconds in next(), bytes, stats]."""

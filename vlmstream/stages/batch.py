@@ -90,7 +90,7 @@ class Rows:
     Each top-level tensor member is copied into its row of the batch's tensor as its sample arrives, and let go:
     the copy reads an image still in the cache, and the memory it frees is where the next sample's image is made.
     Copying all the rows at the end, from 32 images of 224x224 that together overflow a 2 MB L2 cache, cost
-    0.02-0.06 ms more a sample in one process on the benchmark machine (tools/bench_batch.py). A member that
+    0.02-0.06 ms more a sample in one process on the benchmark machine (tools/bench/batch.py). A member that
     stops fitting (another shape or dtype, not a tensor) falls back to `default_collate`, with the rows copied
     so far as its values.
     """

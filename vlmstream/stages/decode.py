@@ -228,7 +228,7 @@ class decode:
     back (as many as fit in 4 MB of output: big tile stacks go one at a time), so that each kind of work runs with
     its code and data still in the cache. Decoding an image evicts what the small Python work after it needs
     (`json.loads` of a conversation: 3 us in a loop of its own, 15-17 us right after an image), and the other way
-    round: the 224 job ran 4-6% faster with groups of 8 than sample by sample (`tools/bench_ab.py`,
+    round: the 224 job ran 4-6% faster with groups of 8 than sample by sample (`tools/bench/ab.py`,
     docs/BENCHMARKS.md). The samples of a group not yet passed on are part of the stage's checkpoint state, by
     reference, like a shuffle buffer's; samples without a place in a shard (``__url__``, ``__offset__``,
     ``__index__``) are decoded one at a time. ``group=1``: always one at a time.
