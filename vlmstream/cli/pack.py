@@ -20,7 +20,11 @@ def parse_args(argv: list[str], prog: str = "vlmstream pack") -> argparse.Namesp
     ap = argparse.ArgumentParser(prog=prog, description=build.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", metavar="INPUT", help="JSON/JSONL/Parquet files or image folders")
     ap.add_argument("--output", "-o", required=True, metavar="DIR",
-                    help="an empty (or new) folder; with --job-index, the folder all the jobs write into")
+                    help="an empty (or new) folder, local, in an object store (s3://BUCKET/PREFIX, gs://, az://) or "
+                         "in a Hub dataset repo (hf://datasets/ORG/NAME/PATH); with --job-index, the folder all "
+                         "the jobs write into")
+    ap.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting of the object store beside the environment's, as obstore names it (repeat it)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace the pack DIR holds (a job: its own part of one); without it, the tool refuses")
     ap.add_argument("--format", choices=FORMATS, help="input schema (default: detected per input)")
@@ -57,7 +61,18 @@ def parse_args(argv: list[str], prog: str = "vlmstream pack") -> argparse.Namesp
     if not 1 <= args.jpeg_quality <= 100:
         ap.error("--jpeg-quality must lie in 1..100")
     args.maxsize, args.max_image_bytes = int(args.maxsize), int(args.max_image_bytes)
+    args.storage_options = storage_options(ap, args.storage_option)
     return args
+
+
+def storage_options(ap: argparse.ArgumentParser, pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            ap.error(f"--storage-option takes KEY=VALUE, got {pair.split('=')[0]!r}...")
+        out[key] = value
+    return out
 
 
 def _cores() -> int:
@@ -70,8 +85,10 @@ def merge_main(argv: list[str], prog: str = "vlmstream pack") -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog=f"{prog} merge", description="Join job manifests into one.")
     ap.add_argument("manifests", nargs="+", metavar="MANIFEST")
     ap.add_argument("--output", "-o", required=True, metavar="PATH", help="the merged manifest, e.g. DIR/index.json")
+    ap.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting of the object store beside the environment's (repeat it)")
     args = ap.parse_args(argv)
-    doc = merge(args.manifests, args.output)
+    doc = merge(args.manifests, args.output, storage_options(ap, args.storage_option))
     print(f"{prog} merge: {doc['samples']} samples, {doc['num_shards']} shards, {doc['bytes']} bytes -> "
           f"{args.output}")
     return doc

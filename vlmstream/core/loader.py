@@ -16,8 +16,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch.utils.data
 
+from ..io.store import is_store_url
 from .checkpoint import (STATE_VERSION, SlotResume, check_loader_state, encode_plan, fingerprint, remaining_tasks, seal,
-                         slot_state)
+                         shard_lists, slot_state)
 from .pipeline import Pipeline
 from .sharedmem import Returns, SegmentPool
 from .stage import MIXER, ShardTask, find_role
@@ -63,7 +64,8 @@ class Loader:
     """Iterate batches made inside the pipeline (``batch_size=None``), with `num_workers` processes.
 
     Rank and world size are read once here, in the training process, and handed to the workers with the
-    pipeline. Each full pass advances the epoch, so shard order and shuffling change every epoch.
+    pipeline. Workers start with "forkserver" when the pipeline reads object stores (their client does not
+    survive fork), else as torch starts them (fork on Linux). Each full pass advances the epoch, so shard order and shuffling change every epoch.
     ``state_dict()`` / ``load_state_dict()`` checkpoint the position (JSON-serialisable, kilobytes).
     """
 
@@ -76,6 +78,9 @@ class Loader:
         self.kwargs = {"pin_memory": False, "prefetch_factor": 2 if num_workers else None, "collate_fn": _as_is,
                        **dataloader_kwargs}
         self.kwargs.setdefault("persistent_workers", False)
+        if num_workers and "multiprocessing_context" not in dataloader_kwargs and reads_object_stores(pipeline):
+            # obstore's runtime does not survive fork() once used (the listing used it here): workers start clean
+            self.kwargs["multiprocessing_context"] = "forkserver"
         self._fresh_epoch()
         self._resume: dict[int, Any] = {}  # worker -> the state it resumes from, for the next pass only
         self._worker_stats: dict[int, Any] = {}  # worker -> its latest telemetry snapshot (this iteration)
@@ -219,6 +224,11 @@ class Loader:
         # What is left of the epoch; the split stages share it out over this run's ranks and workers.
         self.plan = remaining_tasks(self.pipeline, states, plan)
         self._resume = {}
+
+
+def reads_object_stores(pipeline: Pipeline) -> bool:
+    """Whether any shard list of the pipeline (a mix's streams included) names an object-store URL."""
+    return any(is_store_url(s.url) for _, specs in shard_lists(pipeline) for s in specs)
 
 
 def _as_is(batch: Any) -> Any:

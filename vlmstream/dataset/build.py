@@ -34,7 +34,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import shutil
 import struct
 import sys
 import time
@@ -49,7 +48,7 @@ import numpy as np
 
 from ..progress import bar
 from .format import rejects_name
-from .output import PackError, check_output, publish, start_staging
+from .output import Folder, PackError, check_output, open_folder, publish, start_staging
 from .records import Input, Record, convert_batch, open_input, read_records
 from .writer import ShardWriter
 
@@ -247,16 +246,17 @@ def pack(args: argparse.Namespace) -> dict[str, Any]:
     """Pack ``args.inputs`` (the options of `vlmstream pack`, cli/pack.py); returns the manifest written, with
     ``path``, ``rejects`` and ``seconds`` added."""
     t0 = time.monotonic()
-    check_output(args.output, args.job_index, args.overwrite)
+    out = open_folder(args.output, getattr(args, "storage_options", None))
+    check_output(out, args.job_index, args.overwrite)
     pool = worker_pool(args.workers)
     try:
-        return _pack(args, pool, t0)
+        return _pack(args, out, pool, t0)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)  # after an error, what is queued is no longer wanted
 
 
-def _pack(args: argparse.Namespace, pool: ProcessPoolExecutor | None, t0: float) -> dict[str, Any]:
+def _pack(args: argparse.Namespace, out: Folder, pool: ProcessPoolExecutor | None, t0: float) -> dict[str, Any]:
     job = args.job_index  # None: a single-job pack, named without a job part
     inputs = [open_input(p, args.format, args.image_root) for p in args.inputs]
     total = sum(inp.count for inp in inputs)
@@ -265,18 +265,19 @@ def _pack(args: argparse.Namespace, pool: ProcessPoolExecutor | None, t0: float)
     pos = Positions(total, seed)
     convert = partial(convert_batch, max_side=args.max_side, jpeg_quality=args.jpeg_quality,
                       max_image_bytes=args.max_image_bytes, allow_outside_root=args.allow_outside_root)
-    staging = start_staging(args.output, job)
-    try:  # whatever happens (an error, Ctrl-C), the staging folder goes; a finished pack has left it first
+    staging = start_staging(out, job)
+    try:  # whatever happens (an error, Ctrl-C), the staging area goes; a finished pack has left it first
         rejects = 0
-        with open(os.path.join(staging, rejects_name(job)), "w", encoding="utf-8") as rej, \
-                ShardWriter(staging, args.prefix, args.maxcount, args.maxsize, job) as writer, \
+        with open(os.path.join(staging.path, rejects_name(job)), "w", encoding="utf-8") as rej, \
+                ShardWriter(staging.path, args.prefix, args.maxcount, args.maxsize, job,
+                            on_shard=staging.shard_done) as writer, \
                 closing(ordered_map(convert, job_records(inputs, share, seed, args.allow_outside_root), pool,
                                     args.workers)) as results, \
                 bar(total=len(share), desc="pack", unit="samples") as pb:
             buckets = None
             if args.shuffle:
-                os.mkdir(os.path.join(staging, "buckets"))
-                buckets = Buckets(os.path.join(staging, "buckets"), share.start, args.bucket_size)
+                os.mkdir(os.path.join(staging.path, "buckets"))
+                buckets = Buckets(os.path.join(staging.path, "buckets"), share.start, args.bucket_size)
             for index, data, reject in results:
                 pb.update(1)
                 if reject is not None:
@@ -299,9 +300,9 @@ def _pack(args: argparse.Namespace, pool: ProcessPoolExecutor | None, t0: float)
         }
         if job is not None:
             packing.update(job=job, num_jobs=args.num_jobs, positions=[share.start, share.stop])
-        manifest, doc = publish(args.output, staging, job, args.prefix, writer.shards, packing)
+        manifest, doc = publish(out, staging, job, args.prefix, writer.shards, packing)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging.discard()
     seconds = time.monotonic() - t0
     return {**doc, "path": manifest, "rejects": rejects, "seconds": seconds}
 

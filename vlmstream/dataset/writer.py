@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 from .format import TAR_BLOCK, TAR_RECORD, ShardInfo, shard_name
 
@@ -57,14 +57,16 @@ class ShardWriter:
     A shard closes when it holds ``maxcount`` samples, or before a sample would make its file larger than
     ``maxsize`` bytes; a sample larger than ``maxsize`` on its own gets a shard of its own rather than being
     dropped. ``close()`` returns the ``ShardInfo`` of every shard written, URLs relative to ``out_dir``.
+    ``on_shard(path, info)`` is called as each shard is finished (the packer uploads it then, and frees the disk).
     """
 
     def __init__(
-        self, out_dir: str, prefix: str = "shard", maxcount: int = 10000, maxsize: int = 10**9, job: int | None = None
+        self, out_dir: str, prefix: str = "shard", maxcount: int = 10000, maxsize: int = 10**9, job: int | None = None,
+        on_shard: Callable[[str, ShardInfo], None] | None = None,
     ) -> None:
         if maxcount < 1 or maxsize < 1:
             raise ValueError(f"maxcount and maxsize must be positive, got {maxcount}, {maxsize}")
-        self.out_dir, self.prefix, self.job = out_dir, prefix, job
+        self.out_dir, self.prefix, self.job, self.on_shard = out_dir, prefix, job, on_shard
         self.maxcount, self.maxsize = maxcount, maxsize
         self.shards: list[ShardInfo] = []
         self.samples = 0  # written so far, over all shards
@@ -136,5 +138,8 @@ class ShardWriter:
         self._file.close()
         name = self._name()
         os.replace(self._file.name, os.path.join(self.out_dir, name))
-        self.shards.append(ShardInfo(name, self._count, self._size + len(tail), self._hash.hexdigest()))
+        info = ShardInfo(name, self._count, self._size + len(tail), self._hash.hexdigest())
+        self.shards.append(info)
         self._file = None
+        if self.on_shard is not None:
+            self.on_shard(os.path.join(self.out_dir, name), info)

@@ -168,14 +168,16 @@ class HTTPClient:
         if old is not None:
             old.close()
 
-    def request(self, url: str, start: int = 0, headers: Mapping[str, str] | None = None
+    def request(self, url: str, start: int = 0, headers: Mapping[str, str] | None = None, *, alone: bool = False
                 ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection, str]:
         """GET url (from byte `start`), following redirects; one attempt, errors raised as they come.
 
-        ``headers`` add to the options' for this request. All of them (credentials, as far as we know) go to
-        url's own origin only: a redirect to another scheme, host or port, https -> http included, gets none.
+        ``headers`` add to the options' for this request (``alone``: they replace them: a signed object-store
+        request gets none of the headers meant for HTTP servers). All of them (credentials, as far as we know)
+        go to url's own origin only: a redirect to another scheme, host or port, https -> http included, gets
+        none.
         """
-        headers = {**self.headers, **clean_headers(headers or {})}
+        headers = {**({} if alone else self.headers), **clean_headers(headers or {})}
         first = url
         origin = _origin(_check_url(url))
         for _ in range(10):
@@ -239,12 +241,15 @@ class HTTPStream(io.RawIOBase):
     ``readinto`` fills its buffer, short only at the end of the body or when the transfer broke after some
     bytes: those are returned at once and the retry happens on the next call, so a reader never loses bytes it
     was given to an error that comes after them. ``cancel``: an event that, once set (the stream's reader is
-    gone), ends a wait for a retry at once.
+    gone), ends a wait for a retry at once. ``signer``: for an object in a store, gives the (URL, headers) of
+    each request, signed just before it is sent; ``url`` is then the store URL errors name.
     """
 
     def __init__(self, url: str, client: HTTPClient, headers: Mapping[str, str] | None = None, start: int = 0,
-                 cancel: threading.Event | None = None):
+                 cancel: threading.Event | None = None,
+                 signer: Callable[[], tuple[str, Mapping[str, str]]] | None = None):
         self.url, self.client, self.opts = url, client, client.opts
+        self.signer = signer
         self._headers = headers  # per-URL headers (an hf:// token): kept out of errors and reprs
         self.cancel = cancel
         self.pos = start  # > 0: the first request is already a Range request (resuming a checkpoint)
@@ -287,7 +292,11 @@ class HTTPStream(io.RawIOBase):
 
     def _open(self) -> None:
         self._waited, self._got, self._opened_at = 0.0, 0, self.pos
-        resp, conn, final = self.client.request(self.url, self.pos, self._headers)
+        if self.signer is not None:
+            target, headers = self.signer()
+            resp, conn, final = self.client.request(target, self.pos, headers, alone=True)
+        else:
+            resp, conn, final = self.client.request(self.url, self.pos, self._headers)
         status = resp.status
         if status in RETRY_STATUS:
             wait = _retry_after(resp.getheader("Retry-After"))

@@ -4,13 +4,13 @@ file's URL into the Hub's resolve URL with the token to send. Through huggingfac
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from urllib.parse import quote, unquote
 
 import braceexpand
 
 from ..errors import FormatError
+from .patterns import glob_match, has_glob
 
 # After "@": a revision is one path segment (percent-encode a "/" in it), except the Hub's special refs.
 _HF_NAME_REV = re.compile(r"([^/@]+)(?:@(refs/(?:convert/[\w.-]+|pr/\d+)|[^/]+))?/(.+)")
@@ -63,10 +63,10 @@ def list_hf(url: str, token: str | bool | None) -> list[str]:
     revision = pin_hf_revision(repo_type, repo_id, revision, token)
     files = set(HfApi().list_repo_files(repo_id, repo_type=repo_type, revision=revision, token=token))
     wanted = set(braceexpand.braceexpand(pattern))
-    missing = sorted(w for w in wanted if w not in files and not any(c in w for c in "*?["))
+    missing = sorted(w for w in wanted if w not in files and not has_glob(w))
     if missing:
         raise FileNotFoundError(f"{url}: {len(missing)} named file(s) not in the repo, e.g. {missing[0]!r}")
-    picked = sorted(f for f in files if f in wanted or any(_glob_match(f, w) for w in wanted))
+    picked = sorted(f for f in files if f in wanted or any(glob_match(f, w) for w in wanted))
     return [hf_url(repo_type, repo_id, revision, f) for f in picked]
 
 
@@ -92,12 +92,6 @@ def hf_resolve_url(url: str, token: str | bool | None = None) -> tuple[str, str 
 
     repo_type, repo_id, revision, path = parse_hf_url(url)
     return hf_hub_url(repo_id, path, repo_type=repo_type, revision=revision), (get_token_to_send(token) or None)
-
-
-def _glob_match(path: str, pattern: str) -> bool:
-    """Glob as for local paths: "*", "?" and "[...]" match within one path segment, never across "/"."""
-    parts, pats = path.split("/"), pattern.split("/")
-    return len(parts) == len(pats) and all(fnmatch.fnmatchcase(a, p) for a, p in zip(parts, pats))
 
 
 __all__ = ["hf_resolve_url", "hf_url", "list_hf", "parse_hf_url", "pin_hf_revision", "read_hf_file"]

@@ -16,6 +16,7 @@ from ..errors import ErrorCounts, FetchError, check_policy, handle
 from ..io.cache import ShardCache
 from ..io.http import FetchOptions, HTTPClient, TransferStats, clean_headers
 from ..io.readahead import read_ahead
+from ..io.store import DEFAULT_STORES, Stores
 from ..io.urls import open_url
 
 
@@ -51,8 +52,10 @@ class fetch:
     ``cache``: a folder keeping whole shards for later epochs, bounded by ``cache_bytes`` (LRU), checked against
     the manifest and its own records (io/cache.py); folders may be shared by processes.
     ``headers``: sent with each HTTP request to the shard URL's own origin (auth; never after a redirect to
-    another scheme, host or port), stripped and checked here; the HF token is taken from huggingface_hub's
-    usual places for hf:// URLs. Neither ever appears in errors, stats or state.
+    another scheme, host or port, nor to an object store), stripped and checked here; the HF token is taken from
+    huggingface_hub's usual places for hf:// URLs. Neither ever appears in errors, stats or state.
+    ``storage_options``: settings of the object stores (s3://, gs://, az://) beside the environment's; each
+    request to a store is signed as it is sent (io/store.py) and then read as HTTP is.
     ``on_error``: a shard that cannot be read (retries exhausted, HTTP 404, ...) raises ``FetchError``
     ("raise"), or is skipped and counted in ``stats`` with the samples lost ("skip"; "warn" also logs). The
     reader downstream (`tar_samples`) reports how far it got, so samples already delivered stay delivered
@@ -63,7 +66,8 @@ class fetch:
 
     def __init__(self, *, prefetch: int = 2, prefetch_bytes: int = 32 << 20, cache: str | None = None,
                  cache_bytes: int = 50 << 30, allow_pipe: bool = False, headers: Mapping[str, str] | None = None,
-                 hf_token: str | bool | None = None, options: FetchOptions | None = None, on_error: str = "raise"):
+                 hf_token: str | bool | None = None, options: FetchOptions | None = None, on_error: str = "raise",
+                 storage_options: Mapping[str, Any] | None = None):
         self.on_error = check_policy(on_error)
         opts = options or FetchOptions()
         # checked here, where the pipeline is built, rather than at the first request
@@ -71,6 +75,7 @@ class fetch:
         self.prefetch, self.prefetch_bytes = prefetch, prefetch_bytes
         self.cache = ShardCache(cache, cache_bytes) if cache else None
         self.allow_pipe, self.hf_token = allow_pipe, hf_token
+        self.stores = Stores(storage_options) if storage_options else DEFAULT_STORES
         self.stats = FetchStats()
         self.ctx = Context()
 
@@ -104,7 +109,7 @@ class fetch:
         if caching and cancel is None:
             cancel = threading.Event()  # the cache's tail read at close retries nothing
         f = open_url(url, client=client, allow_pipe=self.allow_pipe, hf_token=self.hf_token,
-                     buffer_size=buffer_size, start=start, cancel=cancel)
+                     buffer_size=buffer_size, start=start, cancel=cancel, stores=self.stores)
         self.stats.shards += 1
         if caching:
             tee = self.cache.tee(url, f, task.bytes, task.sha256, cancel)

@@ -16,7 +16,7 @@ import json
 import os
 import random
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import braceexpand
 
@@ -25,6 +25,8 @@ from ..core.stage import SOURCE, Context, ShardTask
 from ..dataset.format import ShardInfo, parse_manifest
 from ..errors import FormatError, redact, redact_spec
 from ..io.hub import list_hf, read_hf_file
+from ..io.patterns import fixed_prefix, glob_match, has_glob
+from ..io.store import DEFAULT_STORES, Stores, is_store_url, list_objects
 from ..io.urls import open_url, resolve_entry
 
 
@@ -38,11 +40,14 @@ def _from_manifest(url: str, data: bytes, allowed_hosts: Sequence[str] = ()) -> 
 
 
 def resolve(spec: str | Sequence[str], *, opener=None, hf_token: str | bool | None = None,
-            allowed_hosts: Sequence[str] = ()) -> list[ShardInfo]:
+            allowed_hosts: Sequence[str] = (), stores: Stores | None = None) -> list[ShardInfo]:
     """Turn a spec into the shard list; every form but plain lists may do I/O (once). ``allowed_hosts``: hosts
-    besides its own that a remote manifest may name shards on (see `io.urls.resolve_entry`)."""
+    besides its own that a remote manifest may name shards on (see `io.urls.resolve_entry`); ``stores``: the
+    object stores' settings beside the environment's."""
     if not isinstance(spec, str):
         return [ShardInfo(u) for s in spec for u in braceexpand.braceexpand(s)]
+    if is_store_url(spec):
+        return _resolve_store(spec, stores or DEFAULT_STORES, allowed_hosts)
     if spec.startswith("hf://"):
         if spec.endswith(".json"):
             url, data = read_hf_file(spec, hf_token)  # relative shard URLs: same repo, same commit
@@ -60,6 +65,27 @@ def resolve(spec: str | Sequence[str], *, opener=None, hf_token: str | bool | No
     if "://" not in spec and any(c in spec for c in "*?["):
         urls = sorted(p for u in urls for p in glob.glob(u))
     return [ShardInfo(u) for u in urls]
+
+
+def _resolve_store(spec: str, stores: Stores, allowed_hosts: Sequence[str]) -> list[ShardInfo]:
+    """A manifest in a bucket (one GET), or a brace pattern of keys where globs are matched against one listing
+    per fixed prefix (one LIST, paged); plain keys are taken as named, with no request."""
+    if spec.endswith(".json"):
+        with open_url(spec, stores=stores) as f:
+            return _from_manifest(spec, f.read(), allowed_hosts)
+    urls = list(braceexpand.braceexpand(spec))
+    if not any(has_glob(u) for u in urls):
+        return [ShardInfo(u) for u in urls]
+    out, listed = [], {}
+    for u in urls:
+        if not has_glob(u):
+            out.append(ShardInfo(u))
+            continue
+        prefix = fixed_prefix(u)
+        if prefix not in listed:
+            listed[prefix] = list(list_objects(prefix, stores))
+        out += [ShardInfo(url, bytes=size) for url, size, _ in listed[prefix] if glob_match(url, u)]
+    return sorted(out, key=lambda s: s.url)
 
 
 def cached_resolve(spec: str | Sequence[str], cache_dir: str, ttl: float, **kwargs: Any) -> list[ShardInfo]:
@@ -98,7 +124,10 @@ class shards:
     ``resample=True``: endless; each (rank, worker) draws shards at random with replacement, seeded by
     (seed, epoch, rank, worker). For step-based training: end each epoch with ``vs.take(batches)``.
     ``allowed_hosts``: hosts besides its own that a remote manifest may name shards on ("host", "host:port"
-    or "https://host"); a shard anywhere else is refused when the list is resolved.
+    or "https://host"; for a manifest in a bucket, other buckets: "s3://bucket"); a shard anywhere else is
+    refused when the list is resolved.
+    ``storage_options``: settings of the object stores (s3://, gs://, az://) beside the environment's, as
+    obstore names them (e.g. ``{"endpoint": ..., "region": ...}``); fetch takes the same for reading.
     """
 
     role = SOURCE
@@ -114,11 +143,14 @@ class shards:
         hf_token: str | bool | None = None,
         resample: bool = False,
         allowed_hosts: Sequence[str] = (),
+        storage_options: Mapping[str, Any] | None = None,
     ):
+        stores = Stores(storage_options) if storage_options else None
+        kw = dict(hf_token=hf_token, allowed_hosts=allowed_hosts, stores=stores)
         if listing_cache is not None:
-            self.specs = cached_resolve(spec, listing_cache, listing_ttl, hf_token=hf_token, allowed_hosts=allowed_hosts)
+            self.specs = cached_resolve(spec, listing_cache, listing_ttl, **kw)
         else:
-            self.specs = resolve(spec, hf_token=hf_token, allowed_hosts=allowed_hosts)
+            self.specs = resolve(spec, **kw)
         if not self.specs:
             raise ValueError(f"no shards found for {redact_spec(spec)!r}")
         self.shuffle, self.seed, self.resample = shuffle, seed, resample
