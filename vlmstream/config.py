@@ -13,9 +13,18 @@
 
 ``{name}`` in any string is filled from the keyword arguments of `from_config` (paths, hosts).
 
-Several sources, LLM-Foundry style: top-level ``streams:`` (each ``{name, shards or remote, cache, proportion |
-repeat | choose}``) and ``mix: {epoch_size, stop, seed}`` make a `vs.mix` the first stage; ``pipeline:`` then
-holds the stages after the samples (shuffle, decode, ...). See configs/mixture.yaml and docs/MIXING.md.
+Several sources: top-level ``streams:`` and ``mix: {epoch_size, stop, seed}`` make a `vs.mix` the first stage;
+``pipeline:`` then holds the stages after the samples (shuffle, decode, ...). ``streams:`` is a list of
+``{name, shards or remote, cache, proportion | repeat | choose}``, or, as LLM-Foundry and MosaicML streaming
+write it, a mapping of named streams:
+
+    streams:
+      vqa:      {remote: s3://bucket/vqa, local: /tmp/cache/vqa, split: train, repeat: 1.0}
+      captions: {remote: s3://bucket/captions, split: train, proportion: 0.3}
+
+``remote`` is where the shards are (its ``index.json``; ``split`` names a sub-folder, or a manifest file, under
+it), ``local`` the stream's cache folder (the shards kept there as `vs.fetch(cache=...)` keeps them; alone, the
+shards' own folder). See configs/mixture.yaml, configs/foundry.yaml and docs/MIXING.md.
 """
 
 from __future__ import annotations
@@ -46,7 +55,8 @@ STAGES: dict[str, Callable[..., Any]] = {
     "batch": batch, "take": take,
 }
 # Keys of a `streams:` entry, and the stages each stream runs up to samples.
-STREAM_KEYS = ("name", "shards", "remote", "cache", "proportion", "repeat", "choose")
+STREAM_KEYS = ("name", "shards", "remote", "local", "split", "cache", "cache_bytes", "storage_options",
+               "proportion", "repeat", "choose")
 SOURCE_STAGES = ("shards", "split_by_node", "split_by_worker", "fetch", "tar_samples")
 
 
@@ -104,29 +114,66 @@ def build_stage(entry: Mapping[str, Any], tok: Any) -> Any:
     return STAGES[name](**args)
 
 
+def stream_spec(remote: str, split: str | None = None) -> str:
+    """The shard spec a stream's ``remote`` (and ``split``) name: a manifest, a pattern or a file as given; a
+    folder's ``index.json``, under its ``split`` sub-folder (or the manifest file ``split`` names) if given."""
+    root = remote.rstrip("/")
+    if root.endswith((".json", ".tar", ".tgz", ".tar.gz")) or any(c in root for c in "{}*?["):
+        if split is not None:
+            raise ValueError(f"'split: {split}' names a part of a folder, but remote {remote!r} is not a folder")
+        return remote
+    if split is None:
+        return f"{root}/index.json"
+    return f"{root}/{split}" if split.endswith(".json") else f"{root}/{split.strip('/')}/index.json"
+
+
+def build_stream(name: str, entry: Mapping[str, Any]) -> Stream:
+    """One named stream: its shards -> split_by_node -> split_by_worker -> fetch (cache) -> tar_samples."""
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"stream {name!r}: expected a mapping of settings, got {entry!r}")
+    unknown = set(entry) - set(STREAM_KEYS)
+    if unknown:
+        raise ValueError(f"stream {name!r}: unknown keys {sorted(unknown)}; known: {', '.join(STREAM_KEYS)}")
+    if "shards" in entry and ("remote" in entry or "split" in entry):
+        raise ValueError(f"stream {name!r}: give one of 'shards' or 'remote' (with 'split'), not both")
+    if "local" in entry and "cache" in entry:
+        raise ValueError(f"stream {name!r}: 'local' and 'cache' both name its cache folder: give one")
+    if "shards" in entry:
+        spec = entry["shards"]
+    elif "remote" in entry:
+        spec = stream_spec(entry["remote"], entry.get("split"))
+    elif "local" in entry:  # a local dataset, no remote: 'local' is where the shards are
+        spec = stream_spec(entry["local"], entry.get("split"))
+    else:
+        raise ValueError(f"stream {name!r}: give one of 'shards' or 'remote' (or 'local': a dataset on disk)")
+    cache = entry.get("cache") or (entry.get("local") if "remote" in entry else None)
+    storage = entry.get("storage_options")
+    opener = fetch(**({"cache": cache} if cache else {}), **({"cache_bytes": entry["cache_bytes"]}
+                                                             if "cache_bytes" in entry else {}),
+                   storage_options=storage)
+    weights = {k: entry[k] for k in ("proportion", "repeat", "choose") if k in entry}
+    return Stream(name, shards(spec, storage_options=storage), split_by_node(), split_by_worker(), opener,
+                  tar_samples(), **weights)
+
+
 def build_mix(streams: Any, settings: Mapping[str, Any] | None):
-    """`vs.mix` of `vs.Stream(name, shards, split_by_node, split_by_worker, fetch(cache), tar_samples)`s."""
-    if not isinstance(streams, list) or not streams:
-        raise ValueError("'streams:' is a list of {name, shards (or remote), cache, proportion | repeat | choose}")
-    out = []
-    for entry in streams:
-        if not isinstance(entry, Mapping) or "name" not in entry:
-            raise ValueError(f"each stream needs a 'name', got {entry!r}")
-        unknown = set(entry) - set(STREAM_KEYS)
-        if unknown:
-            raise ValueError(f"stream {entry['name']!r}: unknown keys {sorted(unknown)}; known: "
-                             f"{', '.join(STREAM_KEYS)}")
-        if ("shards" in entry) == ("remote" in entry):
-            raise ValueError(f"stream {entry['name']!r}: give one of 'shards' or 'remote' (the shard spec)")
-        opener = fetch(cache=entry["cache"]) if entry.get("cache") else fetch()
-        weights = {k: entry[k] for k in ("proportion", "repeat", "choose") if k in entry}
-        out.append(Stream(entry["name"], shards(entry.get("shards", entry.get("remote"))), split_by_node(),
-                          split_by_worker(), opener, tar_samples(), **weights))
+    """`vs.mix` of the configured streams: a list of entries with a ``name``, or a mapping of names to entries."""
+    if isinstance(streams, Mapping) and streams:
+        built = [build_stream(str(name), entry) for name, entry in streams.items()]
+    elif isinstance(streams, list) and streams:
+        built = []
+        for entry in streams:
+            if not isinstance(entry, Mapping) or "name" not in entry:
+                raise ValueError(f"each stream needs a 'name', got {entry!r}")
+            built.append(build_stream(entry["name"], {k: v for k, v in entry.items() if k != "name"}))
+    else:
+        raise ValueError("'streams:' is a mapping of named streams ({NAME: {remote, local, split, proportion | "
+                         "repeat | choose}}) or a list of {name, shards (or remote), cache, ...}")
     options = dict(settings or {})
     unknown = set(options) - {"epoch_size", "stop", "seed"}
     if unknown:
         raise ValueError(f"mix: unknown keys {sorted(unknown)}; known: epoch_size, stop, seed")
-    return mix(out, **options)
+    return mix(built, **options)
 
 
 def from_config(source: str | Mapping[str, Any], **variables: Any):
