@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
@@ -214,6 +213,25 @@ def _first_line(e: BaseException) -> str:
     return redact(str(e).strip().splitlines()[0] if str(e).strip() else "")
 
 
+class _Errors:
+    """obstore's errors as FetchErrors whose message names the store URL and keeps no secret (a SAS token in a
+    configured URL, a signature): "not found" stays a FileNotFoundError."""
+
+    def __init__(self, url: str, what: str):
+        self.url, self.what = url, what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, e: BaseException | None, tb: Any) -> bool:
+        if e is None or isinstance(e, (FetchError, KeyboardInterrupt)) or not isinstance(e, Exception):
+            return False
+        if isinstance(e, FileNotFoundError):
+            raise FileNotFoundError(f"{redact(self.url)}: no such object") from None
+        raise FetchError(f"{redact(self.url)}: {self.what} failed: {type(e).__name__}: {_first_line(e)}",
+                         reason="store_error") from None
+
+
 def list_objects(prefix_url: str, stores: Stores) -> Iterator[tuple[str, int, str | None]]:
     """(URL, size, ETag) of every object whose key starts with ``prefix_url``'s key, in key order. (Stores list
     by whole path segments: the listing is of the prefix's folder, narrowed here.)"""
@@ -221,10 +239,11 @@ def list_objects(prefix_url: str, stores: Stores) -> Iterator[tuple[str, int, st
     store = stores.get(u)
     folder = u.key.rsplit("/", 1)[0] if "/" in u.key else ""
     found = []
-    for batch in _obstore().list(store, prefix=folder or None):
-        for meta in batch:
-            if meta["path"].startswith(u.key):
-                found.append((meta["path"], meta["size"], meta.get("e_tag")))
+    with _Errors(prefix_url, "listing"):
+        for batch in _obstore().list(store, prefix=folder or None):
+            for meta in batch:
+                if meta["path"].startswith(u.key):
+                    found.append((meta["path"], meta["size"], meta.get("e_tag")))
     for key, size, etag in sorted(found):
         yield str(u.with_key(key)), size, etag
 
@@ -235,20 +254,22 @@ def list_objects(prefix_url: str, stores: Stores) -> Iterator[tuple[str, int, st
 def put_file(url: str, path: str, stores: Stores) -> None:
     """Upload a local file to ``url`` (multipart for a large one: nothing appears until it is whole)."""
     u = ObjectURL.parse(url)
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, _Errors(url, "upload"):
         _obstore().put(stores.get(u), u.key, f, use_multipart=os.path.getsize(path) > 64 << 20)
 
 
 def put_bytes(url: str, data: bytes, stores: Stores) -> None:
     u = ObjectURL.parse(url)
-    _obstore().put(stores.get(u), u.key, data)
+    with _Errors(url, "upload"):
+        _obstore().put(stores.get(u), u.key, data)
 
 
 def read_bytes(url: str, stores: Stores) -> bytes | None:
     """The object's bytes, or None where it does not exist (a small object: a manifest)."""
     u = ObjectURL.parse(url)
     try:
-        return bytes(_obstore().get(stores.get(u), u.key).bytes())
+        with _Errors(url, "read"):
+            return bytes(_obstore().get(stores.get(u), u.key).bytes())
     except FileNotFoundError:
         return None
 
@@ -256,27 +277,18 @@ def read_bytes(url: str, stores: Stores) -> bytes | None:
 def copy(src: str, dst: str, stores: Stores) -> None:
     """A server-side copy within one bucket."""
     s, d = ObjectURL.parse(src), ObjectURL.parse(dst)
-    _obstore().copy(stores.get(s), s.key, d.key)
+    with _Errors(src, "copy"):
+        _obstore().copy(stores.get(s), s.key, d.key)
 
 
 def delete(url: str, stores: Stores) -> None:
     u = ObjectURL.parse(url)
     try:
-        _obstore().delete(stores.get(u), u.key)
+        with _Errors(url, "delete"):
+            _obstore().delete(stores.get(u), u.key)
     except FileNotFoundError:
         pass
 
 
-def download(url: str, stores: Stores) -> str:
-    """A local temporary copy of a small object (the caller removes it)."""
-    data = read_bytes(url, stores)
-    if data is None:
-        raise FileNotFoundError(f"{redact(url)}: no such object")
-    fd, path = tempfile.mkstemp(prefix="vlmstream-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return path
-
-
-__all__ = ["DEFAULT_STORES", "ObjectURL", "SCHEMES", "SIGNED_FOR", "Stores", "check_not_forked", "copy", "delete", "download",
+__all__ = ["DEFAULT_STORES", "ObjectURL", "SCHEMES", "SIGNED_FOR", "Stores", "check_not_forked", "copy", "delete",
            "is_store_url", "list_objects", "put_bytes", "put_file", "read_bytes", "signed_request"]
