@@ -16,6 +16,31 @@ calls for ``HfApi().list_repo_files(...)``, ``hf_hub_download(...)`` and a plain
 - errors as the Hub sends them: 404 with ``X-Error-Code`` ``RepoNotFound`` / ``RevisionNotFound`` /
   ``EntryNotFound``, and 401 when a token is configured and the request lacks ``Authorization: Bearer <token>``.
 
+And the write API that ``HfApi().preupload_lfs_files(...)`` and ``HfApi().create_commit(...)`` call on a dataset
+repo, over plain LFS (huggingface_hub uploads by Xet instead whenever hf_xet is installed, a choice the client
+makes alone: point it here with ``HF_HUB_DISABLE_XET=1``, or its Xet token request lands in ``unknown``):
+
+- ``POST /api/datasets/ORG/NAME/preupload/REV``: ``{"files": [{"path", "sample", "size"}]}`` -> each file's
+  ``uploadMode``, "lfs" for the paths served as LFS files (``lfs``, above) and "regular" for the others, with
+  ``shouldIgnore`` false and the ``oid`` of the file already at that path, if any (its sha256 for an LFS file,
+  its git blob sha1 otherwise), as huggingface_hub compares them to drop unchanged files from a commit;
+- ``POST /datasets/ORG/NAME.git/info/lfs/objects/batch`` (the LFS batch API, ``operation: upload``): for each
+  object not stored yet a "basic" upload action, a PUT to a signed looking URL on the CDN, and a verify action
+  on the Hub; an object already stored gets no actions (huggingface_hub then skips its upload);
+- ``PUT /upload/SHA256?X-Amz-Signature=...`` on the CDN, the storage host: stores the body as the LFS object,
+  refused (403) without the signature the batch answer gave, and (400) when the body's sha256 or size is not
+  the object's. Like S3's presigned URLs it needs no token;
+- ``POST /datasets/ORG/NAME.git/info/lfs/objects/verify``: 200 when the object is stored with that size;
+- ``POST /api/datasets/ORG/NAME/commit/REV``: NDJSON, a ``header`` line (``summary``, ``description``, an optional
+  ``parentCommit``: 412 unless the branch names it), then ``file`` (base64 ``content``), ``lfsFile`` (by ``oid``,
+  which must have been uploaded), ``deletedFile`` (404 ``EntryNotFound`` "A file with this name doesn't exist"
+  for a missing one) and ``deletedFolder`` lines. The operations apply all together or not at all to a copy of
+  the branch's folder, which becomes the branch's new commit by ``move`` (the old one stays readable); the
+  answer is what huggingface_hub reads (``commitOid``, ``commitUrl``, ...). Each commit is kept in ``pushes``.
+
+The write endpoints on the Hub need the token as the read ones do. Uploaded objects and commit folders live in
+a scratch folder of the stand-in's own, removed when it stops.
+
 The CDN serves content by sha256, accepts Range, needs no token, and ignores its signature. Both servers record
 every request (server, method, path, query, whether Authorization was sent, Range, status, the client's port)
 in ``log``; the token itself is never recorded.
@@ -27,12 +52,17 @@ branch at new content under a new commit, and the old commit stays readable, as 
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import http.server
 import json
 import os
 import re
+import secrets
+import shutil
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -51,12 +81,34 @@ class Request:
     client_port: int  # one per TCP connection: counts keep-alive reuse
 
 
+@dataclass(frozen=True)
+class Push:
+    """One commit made through the commit endpoint."""
+
+    repo: str
+    revision: str
+    parent: str  # the commit the branch named before
+    oid: str  # the new commit
+    summary: str
+    added: tuple[str, ...]  # paths, in the order the payload gave them ("file" and "lfsFile" lines)
+    lfs: tuple[str, ...]  # those of them added by LFS object
+    deleted: tuple[str, ...]  # "deletedFile" and "deletedFolder" paths
+
+
 def commit_of(repo_id: str, revision: str) -> str:
     return hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
 
 
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class _Refused(Exception):
+    """A request the stand-in answers with an error: ``status``, ``X-Error-Code`` (or None), the message."""
+
+    def __init__(self, status: int, code: str | None, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -77,6 +129,11 @@ class HubStandin:
     def __init__(self, repos: Mapping[str, Mapping[str, str]], *, token: str | None = None, cdn: bool = True,
                  lfs: tuple[str, ...] = (".tar",), page_size: int = 1000):
         self.repos = {rid: dict(revs) for rid, revs in repos.items()}
+        self.scratch = tempfile.mkdtemp(prefix="hf-standin-")  # uploaded LFS objects, commit folders
+        self.objects: dict[str, str] = {}  # sha256 -> file: the LFS objects uploaded (a commit names them by oid)
+        self.pushes: list[Push] = []
+        self._secret = secrets.token_bytes(16)  # signs upload URLs
+        self._commit_lock = threading.Lock()  # one commit at a time, each on the branch's newest state
         self.heads: dict[tuple[str, str], str] = {}  # (repo, branch) -> its commit, once moved
         self.commits: dict[tuple[str, str], str] = {}  # (repo, commit) -> folder, for commits moved away from
         self.token, self.cdn_enabled, self.lfs, self.page_size = token, cdn, lfs, page_size
@@ -101,6 +158,7 @@ class HubStandin:
         for s in (self.hub, self.cdn):
             s.shutdown()
             s.server_close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
     # ---------------------------------------------------------------------------------------------- queries
     def requests(self, server: str | None = None, method: str | None = None, prefix: str = "") -> list[Request]:
@@ -138,6 +196,94 @@ class HubStandin:
         if (repo_id, revision) in self.commits:
             return self.commits[(repo_id, revision)], revision
         return None
+
+    # -------------------------------------------------------------------------------------------- writing
+    def _signature(self, oid: str) -> str:
+        return hmac.new(self._secret, oid.encode(), hashlib.sha256).hexdigest()
+
+    def _remote_oid(self, folder: str, path: str) -> str | None:
+        """The oid huggingface_hub compares a file to add with: sha256 of an LFS file, else its git blob sha1."""
+        file = os.path.join(folder, path)
+        if not os.path.isfile(file):
+            return None
+        with open(file, "rb") as f:
+            data = f.read()
+        return hashlib.sha256(data).hexdigest() if self._is_lfs(path) else git_blob_sha1(data)
+
+    def _store(self, oid: str, data: bytes) -> None:
+        os.makedirs(os.path.join(self.scratch, "lfs"), exist_ok=True)
+        path = os.path.join(self.scratch, "lfs", oid)
+        tmp = f"{path}.{threading.get_ident()}.tmp"  # two uploads of one object may cross
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        with self._lock:
+            self.objects[oid] = path
+
+    def _commit(self, repo_id: str, revision: str, lines: list[dict]) -> Push:
+        """Apply a commit's operations to a copy of the branch's folder and point the branch at it; all or none."""
+        if not lines or lines[0].get("key") != "header":
+            raise _Refused(400, None, "the first line of a commit is its header")
+        header = lines[0].get("value") or {}
+        with self._commit_lock:
+            if revision not in self.repos[repo_id]:
+                if self._folder(repo_id, revision) is None:
+                    raise _Refused(404, "RevisionNotFound", "Invalid rev id: " + revision)
+                raise _Refused(400, None, f"{revision} is not a branch: commits go to a branch")
+            parent, old = self.head(repo_id, revision), self.repos[repo_id][revision]
+            wanted = header.get("parentCommit")
+            if wanted and not parent.startswith(wanted):
+                raise _Refused(412, None, "A commit has happened since. Please refresh and try again.")
+            folder = tempfile.mkdtemp(prefix="commit-", dir=self.scratch)
+            shutil.copytree(old, folder, dirs_exist_ok=True)
+            added, lfs, deleted = [], [], []
+            try:
+                for line in lines[1:]:
+                    key, value = line.get("key"), line.get("value") or {}
+                    path = value.get("path", "")
+                    if not path or path.startswith("/") or ".." in path.split("/") or "" in path.rstrip("/").split("/"):
+                        raise _Refused(400, None, f"invalid path {path!r}")
+                    file = os.path.join(folder, path)
+                    if key in ("file", "lfsFile"):
+                        if key == "file":
+                            if value.get("encoding") != "base64":
+                                raise _Refused(400, None, f"{path}: unknown encoding {value.get('encoding')!r}")
+                            data = base64.b64decode(value.get("content", ""), validate=True)
+                        else:
+                            oid = value.get("oid", "")
+                            if value.get("algo", "sha256") != "sha256" or oid not in self.objects:
+                                raise _Refused(400, None, f"{path}: LFS object {oid} was never uploaded")
+                            with open(self.objects[oid], "rb") as f:
+                                data = f.read()
+                            if value.get("size") is not None and value["size"] != len(data):
+                                raise _Refused(400, None, f"{path}: LFS object {oid} has another size")
+                            lfs.append(path)
+                        if os.path.isdir(file):
+                            raise _Refused(400, None, f"{path} is a folder")
+                        os.makedirs(os.path.dirname(file), exist_ok=True)
+                        with open(file, "wb") as f:
+                            f.write(data)
+                        added.append(path)
+                    elif key == "deletedFile":
+                        if not os.path.isfile(file):
+                            raise _Refused(404, "EntryNotFound", f"A file with this name doesn't exist: {path}")
+                        os.remove(file)
+                        deleted.append(path)
+                    elif key == "deletedFolder":
+                        if not os.path.isdir(file):
+                            raise _Refused(404, "EntryNotFound", f"A folder with this name doesn't exist: {path}")
+                        shutil.rmtree(file)
+                        deleted.append(path)
+                    else:
+                        raise _Refused(400, None, f"unknown commit operation {key!r}")
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            push = Push(repo_id, revision, parent, self.move(repo_id, revision, folder), str(header.get("summary")),
+                        tuple(added), tuple(lfs), tuple(deleted))
+            with self._lock:
+                self.pushes.append(push)
+            return push
 
     def _is_lfs(self, path: str) -> bool:
         return self.cdn_enabled and path.endswith(self.lfs)
@@ -212,8 +358,132 @@ class HubStandin:
                 headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
                 self._reply(206, data[start:end + 1], headers)
 
+            def _authorized(self) -> bool:
+                return hub.token is None or self.headers.get("Authorization") == f"Bearer {hub.token}"
+
+            def _unknown(self) -> None:
+                path = urlsplit(self.path).path
+                with hub._lock:
+                    hub.unknown.append(f"{self.command} {path}")
+                self._error(404, None, f"the stand-in does not implement {self.command} {path}")
+
+            def _json(self, body: object, status: int = 200, content_type: str = "application/json") -> None:
+                self._reply(status, json.dumps(body).encode(), {"Content-Type": content_type})
+
+            def _body(self) -> bytes:
+                """The request's body, sent with a Content-Length or chunked (a streamed upload)."""
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                                pass
+                            return b"".join(chunks)
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
             def do_HEAD(self) -> None:
                 self.do_GET()
+
+            def do_POST(self) -> None:
+                self._write()
+
+            def do_PUT(self) -> None:
+                self._write()
+
+            def _write(self) -> None:
+                try:
+                    body = self._body()  # read in full whatever the answer, so that the connection stays usable
+                    if server == "cdn":
+                        self._upload(body)
+                    else:
+                        self._hub_write(body)
+                except _Refused as e:
+                    self._error(e.status, e.code, e.message)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+            def _upload(self, body: bytes) -> None:
+                """PUT of an LFS object to the URL the batch answer gave."""
+                parts = urlsplit(self.path)
+                m = re.fullmatch(r"/upload/([0-9a-f]{64})", parts.path)
+                if self.command != "PUT" or m is None:
+                    self._unknown()
+                    return
+                oid = m.group(1)
+                if not hmac.compare_digest(parse_qs(parts.query).get("X-Amz-Signature", [""])[0],
+                                           hub._signature(oid)):
+                    self._error(403, None, "SignatureDoesNotMatch")
+                    return
+                if hashlib.sha256(body).hexdigest() != oid:
+                    self._error(400, None, "the content's sha256 is not the object's oid")
+                    return
+                hub._store(oid, body)
+                self._reply(200, b"", {"ETag": f'"{oid}"'})
+
+            def _hub_write(self, body: bytes) -> None:
+                parts = urlsplit(self.path)
+                seg = parts.path.split("/")  # split before decoding: a revision may hold an encoded "/"
+                if len(seg) == 7 and seg[1:3] == ["api", "datasets"] and seg[5] in ("preupload", "commit"):
+                    action, org, name, revision = seg[5], seg[3], seg[4], unquote(seg[6])
+                elif (len(seg) == 8 and seg[1] == "datasets" and seg[3].endswith(".git")
+                      and seg[4:7] == ["info", "lfs", "objects"] and seg[7] in ("batch", "verify")):
+                    action, org, name, revision = seg[7], seg[2], seg[3][:-len(".git")], None
+                else:
+                    self._unknown()
+                    return
+                if self.command != "POST":
+                    self._unknown()
+                    return
+                if not self._authorized():
+                    self._error(401, "RepoNotFound", "Invalid credentials in Authorization header")
+                    return
+                repo_id = f"{unquote(org)}/{unquote(name)}"
+                if repo_id not in hub.repos:
+                    self._error(404, "RepoNotFound", "Repository not found")
+                    return
+                if "create_pr" in parse_qs(parts.query):
+                    raise _Refused(400, None, "the stand-in makes no pull requests")
+                try:
+                    doc = (json.loads(body) if action != "commit" else
+                           [json.loads(line) for line in body.decode().splitlines() if line.strip()])
+                except ValueError:
+                    raise _Refused(400, None, "malformed body") from None
+                if action == "commit":
+                    push = hub._commit(repo_id, revision, doc)
+                    self._json({"success": True, "commitOid": push.oid, "hookOutput": "", "pullRequestUrl": None,
+                                "commitUrl": f"{hub.url}/datasets/{repo_id}/commit/{push.oid}"})
+                elif action == "preupload":
+                    found = hub._folder(repo_id, revision)
+                    if found is None:
+                        raise _Refused(404, "RevisionNotFound", "Invalid rev id: " + revision)
+                    files = [{"path": f["path"], "uploadMode": "lfs" if hub._is_lfs(f["path"]) else "regular",
+                              "shouldIgnore": False, "oid": hub._remote_oid(found[0], f["path"])}
+                             for f in doc["files"]]
+                    self._json({"files": files, "commitOid": found[1]})
+                elif action == "batch":
+                    if doc.get("operation") != "upload":
+                        raise _Refused(400, None, "the stand-in's LFS batch API takes uploads only")
+                    objects = []
+                    for obj in doc["objects"]:
+                        oid, size = obj["oid"], obj["size"]
+                        entry = {"oid": oid, "size": size}
+                        if oid not in hub.objects:
+                            entry["authenticated"] = True
+                            entry["actions"] = {
+                                "upload": {"href": f"{hub.cdn_url}/upload/{oid}?X-Amz-Expires=900&"
+                                                   f"X-Amz-Signature={hub._signature(oid)}"},
+                                "verify": {"href": f"{hub.url}/datasets/{repo_id}.git/info/lfs/objects/verify"},
+                            }
+                        objects.append(entry)
+                    self._json({"transfer": "basic", "objects": objects}, content_type="application/vnd.git-lfs+json")
+                else:  # verify
+                    stored = hub.objects.get(doc.get("oid", ""))
+                    if stored is None or os.path.getsize(stored) != doc.get("size"):
+                        raise _Refused(404, None, f"LFS object {doc.get('oid')} not found")
+                    self._json({}, content_type="application/vnd.git-lfs+json")
 
             def do_GET(self) -> None:
                 try:
@@ -248,12 +518,10 @@ class HubStandin:
                 elif len(seg) >= 6 and seg[3] == "resolve" and seg[1] not in ("api", "datasets", "spaces"):
                     api, org, name, revision, path = False, seg[1], seg[2], seg[4], seg[5:]  # a model repo
                 else:
-                    with hub._lock:
-                        hub.unknown.append(f"{self.command} {parts.path}")
-                    self._error(404, None, f"the stand-in does not implement {self.command} {parts.path}")
+                    self._unknown()
                     return
                 repo_id, revision, path = f"{unquote(org)}/{unquote(name)}", unquote(revision), unquote("/".join(path))
-                if hub.token is not None and self.headers.get("Authorization") != f"Bearer {hub.token}":
+                if not self._authorized():
                     self._error(401, "RepoNotFound", "Invalid credentials in Authorization header")
                     return
                 if repo_id not in hub.repos:
