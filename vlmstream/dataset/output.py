@@ -319,7 +319,7 @@ def open_folder(location: str, storage_options: Mapping[str, Any] | None = None,
     if location.startswith("hf://"):
         from .hub import HubFolder
 
-        return HubFolder(location, hf_token)
+        return HubFolder(location, hf_token, in_flight=UPLOADS_IN_FLIGHT)
     return LocalFolder(location)
 
 
