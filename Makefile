@@ -6,7 +6,12 @@ STAMP  := $(VENV)/.installed-stamp
 # The CPU wheel of torch; pyproject keeps a range so that GPU installs elsewhere work.
 TORCH  := torch==2.13.0
 
-.PHONY: test demo bench system-deps clean
+# Azurite, the Azure Blob emulator of tests/stores.py, from npm into the venv (make clean removes it with the rest).
+# 3.35.0: the last release that runs on Node.js 20 (3.36 asks for 21, 3.37 for 22).
+AZURITE     := azurite@3.35.0
+AZURITE_BIN := $(VENV)/npm/node_modules/.bin/azurite-blob
+
+.PHONY: test demo bench system-deps node-deps clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +27,16 @@ system-deps:
 	  command -v curl >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx tar curl >/dev/null; }
 
-test: $(STAMP) system-deps
+# Node.js and npm for Azurite: Debian's, where the machine has none.
+node-deps:
+	@{ command -v node && command -v npm; } >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+
+$(AZURITE_BIN): Makefile | node-deps
+	npm install --prefix $(VENV)/npm --no-save --no-audit --no-fund --loglevel=error $(AZURITE)
+	touch $@
+
+test: $(STAMP) system-deps $(AZURITE_BIN)
 	$(BIN)/python -m pytest -q tests
 
 # The whole story in a few minutes: pack easy-VQA, serve it with nginx on loopback, stream it into a tiny VLM,
