@@ -283,3 +283,7 @@ class _FullDiskFile(io.FileIO):
         written = super().write(memoryview(data)[: self.disk.room])
         self.disk.room -= written
         return written
+
+
+# The object-store emulators (moto, Azurite, fake-gcs-server) as session fixtures: tests/stores.py.
+from stores import azure_server, gcs_server, s3_server  # noqa: E402,F401
