@@ -86,21 +86,37 @@ class ObjectURL:
 # ---------------------------------------------------------------------------------------------------- stores
 
 
+ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_", "AZURITE_", "STORAGE_EMULATOR_HOST")
+
+
+def store_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables the store clients read (``AWS_*``, ``GOOGLE_*``, ``AZURE_*``, the emulators')."""
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in env.items() if k.startswith(ENV_PREFIXES)}
+
+
 class Stores:
     """obstore stores by bucket, made on first use in this process with the environment's settings plus
-    ``options``. A process forked after a store was used must not use it (obstore's runtime does not survive
-    fork): `check_not_forked` says so instead of hanging."""
+    ``options``. Sent to another process (a DataLoader worker started by forkserver or spawn), it takes the
+    store variables of the sending process's environment along: a worker reads what the pipeline was built
+    with. A process forked after a store was used must not use it (obstore's runtime does not survive fork):
+    `check_not_forked` says so instead of hanging."""
 
-    def __init__(self, options: Mapping[str, Any] | None = None):
+    def __init__(self, options: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None):
         self.options = dict(options or {})
+        self.environ = dict(environ) if environ is not None else None  # None: this process's own
         self._stores: dict[tuple, Any] = {}
         self._lock = threading.Lock()
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"options": self.options}  # stores are made again where they are used
+    def __repr__(self) -> str:
+        return f"Stores(options={sorted(self.options)})"  # names only: values may be secrets
+
+    def __getstate__(self) -> dict[str, Any]:  # stores are made again where they are used
+        return {"options": self.options,
+                "environ": self.environ if self.environ is not None else store_environment()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["options"])
+        self.__init__(state["options"], state["environ"])
 
     def get(self, u: ObjectURL) -> Any:
         check_not_forked()
@@ -108,6 +124,8 @@ class Stores:
         with self._lock:
             store = self._stores.get(key)
             if store is None:
+                if self.environ is not None:  # the clients read the environment: the one the pipeline had
+                    os.environ.update(self.environ)
                 store = self._stores[key] = _make(u, self.options)
                 _used_in.add(os.getpid())
         return store
@@ -160,7 +178,9 @@ def _make(u: ObjectURL, options: Mapping[str, Any]) -> Any:
         return st.S3Store(u.bucket, config=config, **kw)
     if u.scheme == "gs":
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-        if emulator and not config:
+        configured = any(k.startswith("GOOGLE_SERVICE_ACCOUNT") or k == "GOOGLE_APPLICATION_CREDENTIALS"
+                         for k in os.environ)
+        if emulator and not config and not configured:  # an emulator needs no credentials
             return st.GCSStore(u.bucket, config={"service_account_key": json.dumps(
                 {"gcs_base_url": _http(emulator), "disable_oauth": True, "client_email": "", "private_key": ""})})
         return st.GCSStore(u.bucket, config=config)
