@@ -41,7 +41,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 JOBS = ("224", "vlm")
 
@@ -95,6 +95,17 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def descendants(pid: int, exclude: Sequence[int] = ()) -> list[int]:
+    """Every process below ``pid`` (DataLoader workers, also those a forkserver started), but for the subtrees
+    of ``exclude`` (a server the benchmark started)."""
+    out, todo = [], [c for c in _children(pid) if c not in exclude]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += [c for c in _children(p) if c not in exclude]
+    return out
+
+
 def _proc_kb(pid: int, name: str, field: str) -> int:
     """A field of /proc/PID/NAME in kB (``status``: VmRSS, VmHWM; ``smaps_rollup``: Pss); 0 once it is gone."""
     try:
@@ -108,17 +119,18 @@ def _proc_kb(pid: int, name: str, field: str) -> int:
 
 
 class PeakRSS(threading.Thread):
-    """Peak of the summed resident memory of this process and its children (a loader and its workers), sampled
-    every `period` seconds from /proc (Linux); elsewhere this process's own peak from getrusage.
+    """Peak of the summed resident memory of this process and the processes below it (a loader and its workers),
+    sampled every `period` seconds from /proc (Linux); elsewhere this process's own peak from getrusage.
 
     ``pss=True`` also keeps the peak of the summed PSS (pages shared by the workers with the main process, torch's
     libraries above all, split among their sharers: RSS counts them once per process) and each process's own
     peak (VmHWM): what the memory benchmark reports beside RSS.
     """
 
-    def __init__(self, period: float = 0.05, pss: bool = False):
+    def __init__(self, period: float = 0.05, pss: bool = False, exclude: Sequence[int] = ()):
         super().__init__(daemon=True)
         self.period, self.pss, self.stop_event = period, pss, threading.Event()
+        self.exclude = set(exclude)  # children that are not ours to count (a server the benchmark started)
         self.peak_kb = self.peak_main_kb = self.peak_pss_kb = 0
         self.hwm_kb: dict[int, int] = {}
         self.proc = os.path.exists("/proc/self/status")
@@ -126,7 +138,7 @@ class PeakRSS(threading.Thread):
     def run(self) -> None:
         me = os.getpid()
         while self.proc and not self.stop_event.is_set():
-            pids = [me, *_children(me)]
+            pids = [me, *descendants(me, self.exclude)]
             rss = [_proc_kb(p, "status", "VmRSS") for p in pids]
             self.peak_kb = max(self.peak_kb, sum(rss))
             self.peak_main_kb = max(self.peak_main_kb, rss[0])

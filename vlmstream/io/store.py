@@ -169,6 +169,10 @@ def _make(u: ObjectURL, options: Mapping[str, Any]) -> Any:
 
     config = dict(options)
     if u.scheme == "s3":
+        endpoint = next((config[k] for k in ("endpoint", "aws_endpoint", "endpoint_url", "aws_endpoint_url")
+                         if k in config), None)
+        if endpoint is not None:  # explicit settings win: obstore lets AWS_ENDPOINT_URL_S3 beat a plain "endpoint"
+            config["aws_endpoint_url_s3"] = endpoint
         kw: dict[str, Any] = {}
         if not any(k in os.environ for k in ("AWS_ACCESS_KEY_ID", "AWS_WEB_IDENTITY_TOKEN_FILE")) and \
                 not config.get("skip_signature") and "access_key_id" not in config:
