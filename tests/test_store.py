@@ -83,6 +83,16 @@ def test_manifest_glob_and_brace_lists_in_a_bucket_cost_one_request_each(s3_serv
         assert vs.shards(f"{base}/shard-*.tar").specs[0].bytes == len(corpus["shard-000000.tar"])  # sizes listed
 
 
+def test_the_ranks_of_a_machine_share_one_listing_of_a_bucket(s3_server, corpus, monkeypatch, tmp_path):
+    bucket, base = upload(s3_server, corpus, unique_key().strip("/"))
+    with s3_server.proxy() as proxy:
+        setenv(monkeypatch, proxy.env)
+        mark = proxy.mark()
+        lists = [vs.shards(f"{base}/shard-*.tar", listing_cache=str(tmp_path)).specs for _rank in range(4)]
+        assert len(proxy.since(mark)) == 1 and all(ls == lists[0] for ls in lists) and len(lists[0]) == SHARDS
+        assert base.split("://")[1] not in " ".join(os.listdir(tmp_path))  # named by hash, never by the spec
+
+
 def test_a_manifest_in_a_bucket_names_shards_in_its_bucket_only(s3_server, corpus, monkeypatch, tmp_path):
     setenv(monkeypatch, s3_server.env)
     bucket, base = upload(s3_server, corpus, unique_key().strip("/"))
@@ -407,3 +417,21 @@ def test_inspect_reads_a_store(s3_server, corpus, monkeypatch, capsys):
     assert main(["inspect", f"{base}/index.json", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["samples"] == SHARDS * PER_SHARD and out["checks"]["ok"] and out["checks"]["verified"]
+
+
+def test_bench_reads_a_store(s3_server, llava_json, monkeypatch, tmp_path, capsys):
+    from conftest import run_pack
+    from vlmstream.cli.main import main
+
+    setenv(monkeypatch, s3_server.env)
+    bucket = s3_server.make_bucket()
+    assert run_pack(llava_json.inputs, s3_server.url(bucket, "ds"), "--maxcount", "7") == 0
+    out = tmp_path / "bench"
+    assert main(["bench", s3_server.url(bucket, "ds/index.json"), "--out", str(out), "--workers", "1", "--batch", "4",
+                 "--size", "32"]) == 0
+    capsys.readouterr()
+    res = json.loads((out / "bench.json").read_text())
+    assert res["samples"] == len(llava_json.expected) == res["loader"]["samples"] > 0
+    text_only = sum(1 for e in llava_json.expected if not e.images)
+    assert res["stages"]["no_image"] == text_only > 0 and "samples have no image" in (out / "bench.md").read_text()
+    assert s3_server.env.get("AWS_SECRET_ACCESS_KEY", "no-secret") not in (out / "bench.md").read_text()

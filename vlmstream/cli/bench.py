@@ -159,19 +159,22 @@ class PeakRSS(threading.Thread):
             self.peak_kb = self.peak_main_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def first_image(sample: dict[str, Any]) -> dict[str, Any]:
-    """The 224 job's batchable sample: its first image (by member name) and its provenance."""
-    from ..dataset.format import is_image_ext
+class FirstImages:
+    """The 224 job's batchable samples: each sample's first image (by member name) and its provenance. A sample
+    without an image (a text-only turn of a VLM dataset) has nothing to resize: it is passed over and counted."""
 
-    names = sorted(k for k in sample if not k.startswith("__") and is_image_ext(k))
-    if not names:
-        raise ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')!r} has no image")
-    return {"__key__": sample["__key__"], "image": sample[names[0]]}
+    def __init__(self) -> None:
+        self.no_image = 0
 
+    def __call__(self, it: Any) -> Any:
+        from ..dataset.format import is_image_ext
 
-def first_images(it: Any) -> Any:
-    for s in it:
-        yield first_image(s)
+        for s in it:
+            names = sorted(k for k in s if not k.startswith("__") and is_image_ext(k))
+            if names:
+                yield {"__key__": s["__key__"], "image": s[names[0]]}
+            else:
+                self.no_image += 1
 
 
 class Job:
@@ -182,6 +185,7 @@ class Job:
         self.kind = args.job
         self.batch = args.batch or (32 if self.kind == "224" else 8)
         self.tok = None
+        self.first = FirstImages()
         if self.kind == "vlm":
             from ..stages.tokenize import ChatTokenizer  # the one tokenizer factory (cli/main's too)
 
@@ -212,7 +216,8 @@ class Job:
             out.append(vs.shuffle(a.shuffle))
         out.append(vs.decode(self.transform()))
         if self.kind == "224":
-            out += [first_images, vs.batch(self.batch)]
+            self.first = FirstImages()
+            out += [self.first, vs.batch(self.batch)]
         else:
             out += [vs.tokenize(self.tok, max_len=a.seq_len), vs.pack(a.seq_len, max_images=a.max_images),
                     vs.batch(self.batch)]
@@ -245,7 +250,7 @@ def run_stages(job: Job, telemetry: bool = True) -> dict[str, Any]:
     c0, t0 = time.process_time(), time.perf_counter()
     batches = sum(1 for _ in pipe)
     took, cpu = time.perf_counter() - t0, time.process_time() - c0
-    out = {"s": took, "cpu_s": cpu, "batches": batches}
+    out = {"s": took, "cpu_s": cpu, "batches": batches, "no_image": job.first.no_image}
     if telemetry:
         r = pipe.stats()
         out.update(samples=r.samples(), bytes=r.bytes, report=r.as_dict())
@@ -437,6 +442,8 @@ def markdown(res: dict[str, Any]) -> str:
         sps = f"{r['samples_per_s']:,.0f}" if r["samples_per_s"] else "-"
         mbs = f"{r['mb_per_s']:,.1f}" if r["mb_per_s"] else "-"
         lines.append(f"| {r['what']} | {sps} | {mbs} | {r['note']} |")
+    if res.get("stages", {}).get("no_image"):
+        lines += ["", f"{res['stages']['no_image']:,} samples have no image: the {res['job']} job passes them over."]
     ov = res.get("overhead")
     if ov:
         lines += ["", f"Telemetry overhead (in-process chain, {ov['rounds']} on/off pairs, median of the pairs): "
