@@ -11,6 +11,12 @@ TORCH  := torch==2.13.0
 AZURITE     := azurite@3.35.0
 AZURITE_BIN := $(VENV)/npm/node_modules/.bin/azurite-blob
 
+# nanoVLM's data path for tests/test_presets.py (run by tests/nanovlm_ref.py in its own process): transformers 4.x
+# (under 5 nanoVLM's label mask breaks) with the hub client and tokenizers it asks for, and torchvision's pure-Python
+# transforms (its wheel's C++ operators do not load beside this torch; nanovlm_ref.py says how it does without).
+NANOVLM_ENV := $(VENV)/nanovlm
+NANOVLM_STAMP := $(NANOVLM_ENV)/.installed-stamp
+
 .PHONY: test demo bench system-deps node-deps clean
 
 $(STAMP): pyproject.toml Makefile
@@ -36,7 +42,13 @@ $(AZURITE_BIN): Makefile | node-deps
 	npm install --prefix $(VENV)/npm --no-save --no-audit --no-fund --loglevel=error $(AZURITE)
 	touch $@
 
-test: $(STAMP) system-deps $(AZURITE_BIN)
+$(NANOVLM_STAMP): $(STAMP)
+	rm -rf $(NANOVLM_ENV)
+	$(BIN)/pip install -q --no-warn-conflicts --target $(NANOVLM_ENV)/deps 'transformers>=4.48,<5' einops
+	$(BIN)/pip install -q --no-deps --target $(NANOVLM_ENV)/torchvision 'torchvision>=0.17,<1'
+	touch $@
+
+test: $(STAMP) system-deps $(AZURITE_BIN) $(NANOVLM_STAMP)
 	$(BIN)/python -m pytest -q tests
 
 # The whole story in a few minutes: pack easy-VQA, serve it with nginx on loopback, stream it into a tiny VLM,

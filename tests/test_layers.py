@@ -18,9 +18,10 @@ ALLOWED = {
     "core": {"errors", "io"},
     "dataset": {"errors", "io", "progress"},
     "stages": {"errors", "io", "core", "dataset"},
-    "config": {"errors", "io", "core", "dataset", "stages", "package"},
-    "cli": {"errors", "io", "core", "dataset", "stages", "progress", "config", "package"},
-    "package": {"errors", "io", "core", "dataset", "stages", "config"},  # __init__: the lazy public names
+    "presets": {"errors", "io", "core", "dataset", "stages"},
+    "config": {"errors", "io", "core", "dataset", "stages", "presets", "package"},
+    "cli": {"errors", "io", "core", "dataset", "stages", "progress", "config", "presets", "package"},
+    "package": {"errors", "io", "core", "dataset", "stages", "config", "presets"},  # __init__: the lazy public names
     "__main__": {"cli"},
 }
 
@@ -54,7 +55,7 @@ def imports(name: str, path: str, known: set[str]) -> set[str]:
             continue
         found |= {t for t in targets if t.startswith("vlmstream")}
     if name == "vlmstream":  # the lazy exports: importlib.import_module(f".{module}") of each public name
-        found |= {f"vlmstream.{m}" for m in vlmstream._EXPORTS.values()}
+        found |= {f"vlmstream.{m}" for m in [*vlmstream._EXPORTS.values(), *vlmstream._SUBMODULES]}
     return found - {name}
 
 

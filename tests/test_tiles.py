@@ -21,12 +21,35 @@ def test_sizes_are_tile_multiples_within_max_side(w, h, tile, k, to_max):
 
 
 def test_nanovlm_examples():
-    assert tiled_size(640, 480, 512, 2048) == (1024, 1024)  # long side rounded up, short follows the scale
-    assert tiled_size(64, 64, 512, 2048) == (512, 512)  # never below one tile
-    assert tiled_size(4000, 3000, 512, 2048) == (2048, 1536)
-    assert tiled_size(640, 480, 512, 2048, to_max_side=True) == (2048, 1536)
+    # nanoVLM's config (resize_to_max_side_len=True) is the default: the long side goes to max_side
+    assert tiled_size(640, 480, 512, 2048) == (2048, 1536)
+    assert vs.ImageTiles(512, 2048).size_for(640, 480) == (2048, 1536)  # 4x3 tiles + a global view: 13
+    assert tiled_size(64, 64, 512, 2048) == (2048, 2048)
+    assert tiled_size(640, 480, 512, 2048, to_max_side=False) == (1024, 1024)  # rounded up, short follows
+    assert tiled_size(64, 64, 512, 2048, to_max_side=False) == (512, 512)  # never below one tile
+    assert tiled_size(4000, 3000, 512, 2048, to_max_side=False) == (2048, 1536)
     with pytest.raises(ValueError, match="multiple of tile"):
         vs.ImageTiles(tile=512, max_side=1000)
+
+
+def test_nanovlm_rounding_only_when_asked():
+    # nanoVLM's float formula: 1536 / 1092 * 1092 / 512 = 3.0000000000000004 -> a 4th tile row, past max_side
+    assert tiled_size(1092, 1092, 512, 2048, to_max_side=False) == (1536, 1536)
+    assert tiled_size(1092, 1092, 512, 2048, to_max_side=False, rounding="nanovlm") == (1536, 2048)
+    assert vs.ImageTiles(512, 2048, to_max_side=False, rounding="nanovlm").size_for(1092, 1092) == (1536, 2048)
+    with pytest.raises(ValueError, match="rounding"):
+        vs.ImageTiles(rounding="float")
+
+
+def test_torch_view_is_torchs_bilinear_of_the_float_image():
+    arr = np.random.default_rng(3).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    t = vs.ImageTiles(tile=32, max_side=96, view="torch", draft=False)(Image.fromarray(arr))
+    whole = torch.from_numpy(arr).permute(2, 0, 1).contiguous().float().div(255)[None]
+    view = torch.nn.functional.interpolate(whole, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    assert t.grid == (2, 3) and torch.equal(t.pixels[0], view[0])
+    assert torch.equal(t.pixels[1:], vs.ImageTiles(tile=32, max_side=96)(Image.fromarray(arr)).pixels[1:])
+    with pytest.raises(ValueError, match="output='float'"):
+        vs.ImageTiles(view="torch", output="uint8")
 
 
 def test_tiles_are_row_major_crops_after_a_global_view():
@@ -42,7 +65,7 @@ def test_tiles_are_row_major_crops_after_a_global_view():
 
 
 def test_one_tile_has_no_global_view_and_float_is_unit_range():
-    t = vs.ImageTiles(tile=64, max_side=128)(Image.new("RGB", (50, 40), (255, 0, 0)))
+    t = vs.ImageTiles(tile=64, max_side=128, to_max_side=False)(Image.new("RGB", (50, 40), (255, 0, 0)))
     assert t.grid == (1, 1) and t.pixels.shape == (1, 3, 64, 64) and not t.has_global
     assert t.pixels.dtype == torch.float32 and t.pixels[0, 0].min() == 1.0 and t.pixels[0, 1].max() == 0.0
 

@@ -33,11 +33,14 @@ _EXPORTS = {
     "Conversation": "dataset.format", "ShardInfo": "dataset.format", "conversation_from_sample": "dataset.format",
     "from_config": "config",
 }
-__all__ = sorted(_EXPORTS)
+_SUBMODULES = ("presets",)  # vs.presets.nanovlm(...)
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'vlmstream' has no attribute {name!r}")
@@ -47,4 +50,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted([*globals(), *_EXPORTS, *_SUBMODULES])

@@ -13,6 +13,9 @@
 
 ``{name}`` in any string is filled from the keyword arguments of `from_config` (paths, hosts).
 
+A preset stands for the stages it sets up: ``- nanovlm: {tokenizer: "{tokenizer}", batch_size: 8}`` is
+`vs.presets.nanovlm` (decode -> tokenize -> pack -> batch as nanoVLM's loader; configs/nanovlm.yaml).
+
 Several sources: top-level ``streams:`` and ``mix: {epoch_size, stop, seed}`` make a `vs.mix` the first stage;
 ``pipeline:`` then holds the stages after the samples (shuffle, decode, ...). ``streams:`` is a list of
 ``{name, shards or remote, cache, proportion | repeat | choose}``, or, as LLM-Foundry and MosaicML streaming
@@ -33,6 +36,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from . import presets
 from .core.loader import Loader
 from .core.pipeline import Pipeline
 from .stages.batch import batch
@@ -54,6 +58,8 @@ STAGES: dict[str, Callable[..., Any]] = {
     "tar_samples": tar_samples, "shuffle": shuffle, "decode": decode, "tokenize": tokenize, "pack": pack,
     "batch": batch, "take": take,
 }
+# Presets a pipeline entry may name, each standing for its stages: `- nanovlm: {tokenizer: ..., batch_size: 8}`.
+PRESETS: dict[str, Callable[..., Any]] = {"nanovlm": presets.nanovlm}
 # Keys of a `streams:` entry, and the stages each stream runs up to samples.
 STREAM_KEYS = ("name", "shards", "remote", "local", "split", "cache", "cache_bytes", "storage_options",
                "proportion", "repeat", "choose")
@@ -92,12 +98,24 @@ def build_tokenizer(spec: Mapping[str, Any]):
     raise ValueError("tokenizer: give 'file' (a tokenizer.json) or 'pretrained' (a Hub repo id)")
 
 
+def build_stages(entry: Mapping[str, Any], tok: Any) -> list[Any]:
+    """The stages of one pipeline entry: one stage, or a preset's (``nanovlm``: its own ``tokenizer``)."""
+    if isinstance(entry, Mapping) and len(entry) == 1:
+        (name, args), = entry.items()
+        if name in PRESETS:
+            args = dict(args or {})
+            if "tokenizer" not in args:
+                raise ValueError(f"preset {name!r} needs 'tokenizer:' (a tokenizer.json path or a Hub model id)")
+            return list(PRESETS[name](args.pop("tokenizer"), **args))
+    return [build_stage(entry, tok)]
+
+
 def build_stage(entry: Mapping[str, Any], tok: Any) -> Any:
     if not isinstance(entry, Mapping) or len(entry) != 1:
         raise ValueError(f"each pipeline entry is one 'stage: {{args}}' mapping, got {entry!r}")
     (name, args), = entry.items()
     if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
+        raise ValueError(f"unknown stage {name!r}; known: {', '.join([*STAGES, *PRESETS])}")
     args = dict(args or {})
     if name == "decode" and isinstance(args.get("image"), Mapping):
         (tname, targs), = args["image"].items()
@@ -193,7 +211,7 @@ def from_config(source: str | Mapping[str, Any], **variables: Any):
         stages.append(build_mix(cfg["streams"], cfg.get("mix")))
     elif "mix" in cfg:
         raise ValueError("'mix:' needs a top-level 'streams:' list")
-    stages += [build_stage(e, tok) for e in entries]
+    stages += [stage for e in entries for stage in build_stages(e, tok)]
     pipe = Pipeline(*stages, seed=cfg.get("seed", 0))
     if "loader" in cfg:
         return Loader(pipe, **(cfg["loader"] or {}))

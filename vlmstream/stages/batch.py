@@ -10,7 +10,8 @@ import torch
 def vlm_collate(samples: Sequence[dict[str, Any]], padding: str = "left", pad_to: int | None = None) -> dict[str, Any]:
     """The batch contract of a nanoVLM-style loop: input_ids, attention_mask, labels [B, L] int64, padded
     (left by default, as nanoVLM; or right) to the longest row or `pad_to`; images as list[B] of list of
-    [n_tiles, 3, H, W]; position_ids / sequence_id too when the samples were packed."""
+    [n_tiles, 3, H, W]; position_ids / sequence_id too when the samples were packed. A sample's own
+    ``attention_mask`` (a packed sequence whose separators are left out) is taken as it is; 1 otherwise."""
     if padding not in ("left", "right"):
         raise ValueError(f"padding must be left or right, not {padding!r}")
     lengths = [len(s["input_ids"]) for s in samples]
@@ -30,7 +31,7 @@ def vlm_collate(samples: Sequence[dict[str, Any]], padding: str = "left", pad_to
     for i, (s, n) in enumerate(zip(samples, lengths)):
         cols = slice(width - n, width) if padding == "left" else slice(0, n)
         out["input_ids"][i, cols] = s["input_ids"]
-        out["attention_mask"][i, cols] = 1
+        out["attention_mask"][i, cols] = s["attention_mask"] if "attention_mask" in s else 1
         out["labels"][i, cols] = s["labels"]
         if packed:
             out["position_ids"][i, cols] = s["position_ids"]

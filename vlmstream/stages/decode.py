@@ -34,12 +34,18 @@ class ImageTransform(Protocol):
 Draft = Union[tuple[int, int], Callable[[int, int], Optional[tuple[int, int]]], None]
 
 
-def open_image(data: bytes, draft: Draft = None, max_pixels: int | None = None) -> Image.Image:
+RGB_MODES = ("white", "pillow")  # how other modes become RGB: see open_image
+
+
+def open_image(data: bytes, draft: Draft = None, max_pixels: int | None = None, rgb: str = "white") -> Image.Image:
     """Decode to an RGB image: EXIF orientation applied, any mode converted, draft-decoded if allowed.
 
     ``draft``: the smallest (w, h) the caller will use, or a function of the stored (w, h) giving it; JPEGs
-    then decode at the largest 1/2^k scale that
-    still covers it. ``max_pixels``: refuse larger images before decoding them (decompression bombs).
+    then decode at the largest 1/2^k scale that still covers it. ``max_pixels``: refuse larger images before
+    decoding them (decompression bombs). ``rgb``: ``"white"`` lays transparent pixels on white (what a viewer
+    shows; a logo on a transparent background stays visible) and scales 16-bit and float images to 8 bits;
+    ``"pillow"`` is Pillow's own ``convert("RGB")``, which drops alpha (transparent pixels keep whatever colour
+    they hold) and clips 16-bit values: what nanoVLM, torchvision and HF datasets' loaders do.
     """
     try:
         im = Image.open(io.BytesIO(data))
@@ -60,7 +66,7 @@ def open_image(data: bytes, draft: Draft = None, max_pixels: int | None = None) 
     if orientation != 1:
         im = ImageOps.exif_transpose(im)
     if im.mode != "RGB":
-        im = _to_rgb(im)
+        im = _to_rgb(im) if rgb == "white" else im.convert("RGB")
     return im
 
 
@@ -220,7 +226,9 @@ class decode:
     Only what is named is decoded (``image=None`` leaves images as bytes); other members pass through as
     bytes. Pickled members (``.pyd``, ``.pickle``, ``.pkl``, ``.pth``, ``.pt``) are never unpickled, since
     unpickling runs code chosen by whoever wrote the shard, unless ``unsafe_pickle=True`` is given by name.
-    ``max_pixels`` refuses decompression bombs before decoding. ``on_error``: "raise" a `DecodeError`
+    ``max_pixels`` refuses decompression bombs before decoding. ``rgb``: how images in other modes become RGB
+    ("white": transparency on white, 16-bit scaled; "pillow": Pillow's convert, as nanoVLM; see `open_image`).
+    ``on_error``: "raise" a `DecodeError`
     naming shard, key, member and reason, or "skip" the sample (and "warn": also log it), counted in
     ``stats.skipped`` by reason.
 
@@ -236,9 +244,12 @@ class decode:
 
     def __init__(self, image: str | ImageTransform | None = "pil", *, json: bool = True, txt: bool = True,
                  max_pixels: int | None = 178_956_970, on_error: str = "raise", unsafe_pickle: bool = False,
-                 group: int = 8):
+                 group: int = 8, rgb: str = "white"):
         if group < 1:
             raise ValueError(f"group must be >= 1, not {group}")
+        if rgb not in RGB_MODES:
+            raise ValueError(f"rgb must be one of {RGB_MODES}, not {rgb!r}")
+        self.rgb = rgb
         if isinstance(image, str):
             if image not in _OUTPUTS:
                 raise ValueError(f"image must be one of {sorted(_OUTPUTS)} or a transform, not {image!r}")
@@ -258,7 +269,7 @@ class decode:
     def _member(self, key: str, value: bytes) -> Any:
         ext = key.rsplit(".", 1)[-1]
         if self.image is not None and is_image_ext(key):
-            return self.image(open_image(value, self.draft, self.max_pixels))
+            return self.image(open_image(value, self.draft, self.max_pixels, self.rgb))
         if self.json and ext == "json":
             return json.loads(value)
         if self.txt and ext == "txt":

@@ -45,22 +45,27 @@ def pack_bins(lengths: Sequence[int], images: Sequence[int], seq_len: int, max_i
     return [sorted(b) for b in bins]
 
 
-def concat(samples: Sequence[dict[str, Any]], sep_id: int) -> dict[str, Any]:
+def concat(samples: Sequence[dict[str, Any]], sep_id: int, *, trailing_sep: bool = False,
+           attend_sep: bool = True) -> dict[str, Any]:
     """One packed sequence: ids and labels joined by a separator (label -100), positions restarting per
-    sample, a sequence id per sample (the separator belongs to the sample before it), images in order."""
-    ids, labels, pos, seq = [], [], [], []
+    sample, a sequence id per sample (the separator belongs to the sample before it), images in order.
+    ``trailing_sep``: the last sample is followed by a separator too. ``attend_sep=False``: the separators get
+    attention mask 0 (an ``attention_mask`` member the batch stage takes as it is)."""
+    ids, labels, pos, seq, mask = [], [], [], [], []
     for j, s in enumerate(samples):
         n = len(s["input_ids"])
-        if j:
-            ids.append(torch.tensor([sep_id]))
-            labels.append(torch.tensor([IGNORE]))
-            pos.append(torch.tensor([pos[-1][-1].item() + 1]))
-            seq.append(torch.tensor([j - 1]))
         ids.append(s["input_ids"])
         labels.append(s["labels"])
         pos.append(torch.arange(n))
         seq.append(torch.full((n,), j))
-    return {
+        mask.append(torch.ones(n, dtype=torch.long))
+        if trailing_sep or j < len(samples) - 1:
+            ids.append(torch.tensor([sep_id]))
+            labels.append(torch.tensor([IGNORE]))
+            pos.append(torch.tensor([n]))
+            seq.append(torch.tensor([j]))
+            mask.append(torch.tensor([int(attend_sep)]))
+    out = {
         "__key__": "+".join(s["__key__"] for s in samples),
         "__keys__": [s["__key__"] for s in samples],
         "input_ids": torch.cat(ids),
@@ -70,6 +75,9 @@ def concat(samples: Sequence[dict[str, Any]], sep_id: int) -> dict[str, Any]:
         "images": [im for s in samples for im in s["images"]],
         "__pad_id__": samples[0]["__pad_id__"],
     }
+    if not attend_sep:
+        out["attention_mask"] = torch.cat(mask)
+    return out
 
 
 @dataclass
@@ -89,13 +97,16 @@ class PackStats:
 class pack:
     """The stage. ``buffer``: samples considered together (more: fuller sequences, more memory).
     ``sep_id``: the separator token (default: the tokenizer's pad id carried by each sample).
+    ``trailing_sep`` / ``attend_sep``: nanoVLM follows every sample with a pad token its attention mask leaves
+    out (``trailing_sep=True, attend_sep=False``); by default samples are joined by one attended separator.
 
     Its state is the samples waiting to be packed and the bins planned but not yet emitted, as references.
     """
 
     def __init__(self, seq_len: int, max_images: int | None = None, *, buffer: int = 256, sep_id: int | None = None,
-                 min_fill: float = 0.9):
+                 min_fill: float = 0.9, trailing_sep: bool = False, attend_sep: bool = True):
         self.seq_len, self.max_images, self.buffer, self.sep_id, self.min_fill = seq_len, max_images, buffer, sep_id, min_fill
+        self.trailing_sep, self.attend_sep = trailing_sep, attend_sep
         self.pending: list[dict[str, Any]] = []  # waiting for a plan (the carried-over bin among them)
         self.ready: list[list[dict[str, Any]]] = []  # planned bins, emitted in order
         self._resume: tuple[list, list] | None = None
@@ -104,12 +115,13 @@ class pack:
     def _plan(self, final: bool) -> None:
         """Move the pending samples into planned bins, keeping the least-filled bin back unless final."""
         items = self.pending
-        lengths = [len(s["input_ids"]) for s in items]
-        bins = pack_bins(lengths, [len(s["images"]) for s in items], self.seq_len, self.max_images)
+        lengths = [len(s["input_ids"]) + self.trailing_sep for s in items]  # a trailing separator is the sample's
+        bins = pack_bins(lengths, [len(s["images"]) for s in items], self.seq_len, self.max_images,
+                         sep=int(not self.trailing_sep))
         bins.sort(key=lambda b: b[0])  # emit in arrival order of each bin's first sample
         carry: list[dict[str, Any]] = []
         if not final:
-            fill = [sum(lengths[i] for i in b) + len(b) - 1 for b in bins]
+            fill = [sum(lengths[i] for i in b) + (len(b) - 1) * (not self.trailing_sep) for b in bins]
             worst = min(range(len(bins)), key=lambda b: (fill[b], -b))
             if fill[worst] < self.min_fill * self.seq_len:
                 carry = [items[i] for i in bins.pop(worst)]
@@ -119,7 +131,8 @@ class pack:
     def _drain(self) -> Iterator[dict[str, Any]]:
         while self.ready:
             group = self.ready.pop(0)
-            out = concat(group, self.sep_id if self.sep_id is not None else group[0]["__pad_id__"])
+            out = concat(group, self.sep_id if self.sep_id is not None else group[0]["__pad_id__"],
+                         trailing_sep=self.trailing_sep, attend_sep=self.attend_sep)
             self.stats.samples += len(group)
             self.stats.sequences += 1
             self.stats.tokens += len(out["input_ids"])

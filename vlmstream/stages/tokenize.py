@@ -26,18 +26,22 @@ IGNORE = -100
 @dataclass(frozen=True)
 class ChatTemplate:
     """How turns are written: ``start`` (with ``{role}``), the content, ``end`` (the end-of-turn token, a
-    training target for assistant turns), then ``after`` (not a target)."""
+    training target for assistant turns), then ``after`` (a target too where ``after_is_target``)."""
 
     start: str = "<|im_start|>{role}\n"
     end: str = "<|im_end|>"
     after: str = "\n"
     specials: tuple[str, ...] = ("<|im_start|>", "<|im_end|>")
+    after_is_target: bool = False
 
 
 CHATML = ChatTemplate()
+# nanoVLM's: ChatML whose newline after an assistant's <|im_end|> is trained too (its label mask covers the
+# whole rendered turn after the "<|im_start|>assistant\n" prefix)
+NANOVLM = ChatTemplate(after_is_target=True)
 LLAMA3 = ChatTemplate("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", "",
                       ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
-TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3}
+TEMPLATES = {"chatml": CHATML, "nanovlm": NANOVLM, "llama3": LLAMA3}
 
 
 @dataclass
@@ -48,12 +52,19 @@ class Encoded:
 
 
 class ChatTokenizer:
-    """A `tokenizers.Tokenizer` plus a chat template and the image tokens, added when missing."""
+    """A `tokenizers.Tokenizer` plus a chat template and the image tokens, added when missing.
+
+    ``image_label``: text written before each image of a sample that has several, with ``{}`` standing for the
+    image's index in the sample (nanoVLM writes ``"<image: {}>"``); ordinary text, not a special token.
+    ``pad_token``: the padding (and packing separator) token; by default the first of ``<|pad|>``, ``<pad>``,
+    ``<|endoftext|>`` the tokenizer has (nanoVLM pads with its tokenizer's eos: ``<|im_end|>`` for SmolLM2).
+    """
 
     def __init__(self, tokenizer: Tokenizer, *, template: ChatTemplate | str = "chatml", image_token_length: int = 64,
                  image_token: str = "<|image|>", global_image_token: str = "<|global_image|>", max_grid: int = 8,
-                 pad_token: str | None = None):
+                 pad_token: str | None = None, image_label: str | None = None):
         self.tok = tokenizer
+        self.image_label = image_label
         self.template = TEMPLATES[template] if isinstance(template, str) else template
         self.image_token_length = image_token_length
         self.image_token, self.global_image_token = image_token, global_image_token
@@ -123,6 +134,7 @@ class ChatTokenizer:
             text.append(s)
             pos += len(s)
 
+        labelled = self.image_label is not None and len(grids) > 1
         for m in messages:
             content = m["content"]
             for reserved in self._reserved:
@@ -138,6 +150,8 @@ class ChatTokenizer:
                                           reason="placeholder_mismatch")
                     if m["role"] == "assistant" and pos > answer_start:
                         targets.append((answer_start, pos))
+                    if labelled:  # the image's label belongs to the image: never a target
+                        put(self.image_label.format(k))
                     start = pos
                     put(self.image_string(grids[k]))
                     images.append((start, pos))
@@ -145,9 +159,12 @@ class ChatTokenizer:
                     k += 1
                 put(piece)
             put(t.end)
+            if t.after_is_target:
+                put(t.after)
             if m["role"] == "assistant":
                 targets.append((answer_start, pos))
-            put(t.after)
+            if not t.after_is_target:
+                put(t.after)
         if k != len(grids):
             raise FormatError(f"{k} {IMAGE_PLACEHOLDER} placeholders but {len(grids)} images",
                               reason="placeholder_mismatch")
@@ -213,6 +230,7 @@ class TokenizeStats(ErrorCounts):
     too_long: int = 0  # dropped, or truncated with overflow="truncate"
     truncated: int = 0
     no_answer: int = 0  # dropped: no answer token left (or none to begin with)
+    too_many_images: int = 0  # dropped: more images than max_images
 
 
 class tokenize:
@@ -220,23 +238,27 @@ class tokenize:
 
     Out: ``input_ids``, ``labels`` (int64 [L]), ``images`` (list of [n_tiles, 3, H, W]), ``__key__`` etc., and
     ``__pad_id__`` for the batch stage. A sample longer than ``max_len`` is dropped (``overflow="drop"``) or
-    cut (``"truncate"``, never through an image); a sample left with no answer token is dropped; both are
-    counted in ``stats``. ``on_error``: a sample that breaks the format (invalid JSON, placeholders that do not
+    cut (``"truncate"``, never through an image); a sample left with no answer token, or with more images than
+    ``max_images``, is dropped; all are counted in ``stats``. ``on_error``: a sample that breaks the format (invalid JSON, placeholders that do not
     match its images, a reserved token in its text, an image member missing) raises `FormatError` naming
     shard, key and reason ("raise"), or is skipped and counted in ``stats.skipped`` by reason ("skip";
     "warn" also logs it).
     """
 
     def __init__(self, tok: ChatTokenizer, max_len: int = 4096, *, overflow: str = "drop", shift_labels: bool = True,
-                 on_error: str = "raise"):
+                 max_images: int | None = None, on_error: str = "raise"):
         if overflow not in ("drop", "truncate"):
             raise ValueError(f"overflow must be drop or truncate, not {overflow!r}")
         self.tok, self.max_len, self.overflow, self.shift = tok, max_len, overflow, shift_labels
+        self.max_images = max_images
         self.on_error = check_policy(on_error)
         self.stats = TokenizeStats()
 
     def encode_sample(self, sample: Mapping[str, Any]) -> dict[str, Any] | None:
         conv = conversation_from_sample(sample)
+        if self.max_images is not None and len(conv.images) > self.max_images:
+            self.stats.too_many_images += 1
+            return None
         tiles = [_as_tiles(sample[ext], sample, ext) for ext in conv.images]
         try:
             enc = self.tok.encode(conv.messages, [t.grid for t in tiles])
