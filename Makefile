@@ -27,11 +27,16 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # Debian packages the tests use: nginx serves shards over HTTP on loopback, GNU tar writes interop shards,
-# curl is how webdataset reads http:// URLs (the pipeline benchmark's webdataset contender).
+# curl is how webdataset reads http:// URLs (the pipeline benchmark's webdataset contender), the Noto CJK and
+# colour emoji fonts draw the contact sheet's CJK and emoji text (tests/test_sheet_fonts.py; 57 + 10 MB to download,
+# the smallest Debian packages with those glyphs).
+NOTO_FONTS := /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+
 system-deps:
 	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 && command -v tar >/dev/null 2>&1 && \
-	  command -v curl >/dev/null 2>&1 || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx tar curl >/dev/null; }
+	  command -v curl >/dev/null 2>&1 && ls $(NOTO_FONTS) >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx tar curl \
+	    fonts-noto-cjk fonts-noto-color-emoji >/dev/null; }
 
 # Node.js and npm for Azurite: Debian's, where the machine has none.
 node-deps:

@@ -1,7 +1,10 @@
 """decode: only what is asked, any image mode to RGB, EXIF orientation, draft JPEG decoding, clear errors."""
 
+import gzip
 import io
+import pickle
 import sys
+import tarfile
 import zlib
 
 import numpy as np
@@ -11,6 +14,7 @@ from PIL import Image
 from skimage import data as skdata
 
 import vlmstream as vs
+from vlmstream.io.tar import read_tar_samples
 from vlmstream.stages.decode import open_image, pixels, to_uint8
 
 
@@ -27,8 +31,9 @@ def photo():
 
 def test_only_what_is_asked_is_decoded(photo):
     s = {"__key__": "k", "0.jpg": jpeg(photo), "json": b'{"a": 1}', "txt": b"hi", "cls": b"3"}
-    out = vs.decode(image=None, json=True, txt=False).decode_sample(s)
+    out = vs.decode(image=None, json=True, txt=False, others=False).decode_sample(s)
     assert out["0.jpg"] == s["0.jpg"] and out["json"] == {"a": 1} and out["txt"] == b"hi" and out["cls"] == b"3"
+    assert vs.decode(image=None).decode_sample(s)["cls"] == 3  # others=True by default, as webdataset's decode
     out = vs.decode("uint8").decode_sample(s)
     assert out["0.jpg"].dtype == torch.uint8 and out["0.jpg"].shape == (3, 512, 512) and out["txt"] == "hi"
     f = vs.decode("float").decode_sample(s)["0.jpg"]
@@ -121,6 +126,188 @@ def test_resized_images_are_views_that_the_batch_lays_out_planar(photo):
     assert not images[0].is_contiguous()  # channel-interleaved, as the resize wrote it
     b = vs.batch(3).collate([{"img": x} for x in images])["img"]
     assert b.is_contiguous() and torch.equal(b, torch.stack([x.contiguous() for x in images]))
+
+
+# ---------------------------------------------------------------------------------- members as webdataset has them
+
+
+def png(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def npy(arr):
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def npz(**arrays):
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def torch_saved(x):
+    buf = io.BytesIO()
+    torch.save(x, buf)
+    return buf.getvalue()
+
+
+def tar_of(path, key, members):
+    """One sample's members, written as a shard at path (`members`: extension -> bytes)."""
+    with tarfile.open(path, "w") as tf:
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def same(a, b):
+    """Equal values of equal types: arrays by dtype, shape and content, images by mode, size and pixels."""
+    if isinstance(a, Image.Image) and isinstance(b, Image.Image):  # a JpegImageFile or an Image.Image
+        return (a.mode, a.size) == (b.mode, b.size) and a.tobytes() == b.tobytes()
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def ours_of(path, **kw):
+    """The members of the shard's one sample as our tar reader and vs.decode("pil") give them."""
+    with open(path, "rb") as f:
+        (raw,) = list(read_tar_samples(f, path))
+    return {k: v for k, v in vs.decode("pil", **kw).decode_sample(raw).items() if not k.startswith("__")}
+
+
+def both_decoders(path, **kw):
+    """The shard's one sample: our members (`ours_of`) and the sample webdataset's decode("pil") gives."""
+    import webdataset as wds
+
+    (theirs,) = list(wds.WebDataset(path, shardshuffle=False, empty_check=False).decode("pil"))
+    return ours_of(path, **kw), theirs
+
+
+def test_every_member_kind_decodes_as_webdatasets_decoder(tmp_path, photo):
+    from webdataset import tenbin
+
+    grid, labels = np.arange(12, dtype=np.float32).reshape(3, 4), np.array([3, 1, 2], np.int64)
+    members = {
+        "txt": "a caption".encode(), "text": "日本語".encode(), "transcript": b"hello\n",
+        "json": b'{"a": [1, 2]}', "jsn": b"[true, null]",
+        "cls": b"7", "cls2": b" 12\n", "index": b"3", "inx": b"4", "id": b"123456789",
+        "npy": npy(grid), "npz": npz(grid=grid, labels=labels), "ten": bytes(tenbin.encode_buffer([grid, labels])),
+        "tb": bytes(tenbin.encode_buffer([np.zeros((2, 0, 3), np.uint8), np.float16([1.5])])),
+        "txt.gz": gzip.compress("gzipped 文字".encode()), "json.gz": gzip.compress(b'{"b": 2}'),
+        "cls.gz": gzip.compress(b"5"), "npy.gz": gzip.compress(npy(labels)), "jpg.gz": gzip.compress(jpeg(photo)),
+        "bin.gz": gzip.compress(b"\x00\x01"), "gz": gzip.compress(b"bare") + gzip.compress(b" and two members"),
+        "png": png(photo[:64, :48]), "weird": b"as is",
+    }
+    ours, theirs = both_decoders(tar_of(tmp_path / "kinds.tar", "s", members))
+    assert ours.keys() == {k for k in theirs if not k.startswith("__")} == set(members)
+    for k in members:
+        assert same(ours[k], theirs[k]), k
+    assert ours["txt.gz"] == "gzipped 文字" and ours["gz"] == b"bare and two members"  # webdataset's keys, unzipped
+    assert ours["cls"] == 7 and isinstance(ours["npz"], dict) and ours["ten"][0].dtype == np.float32
+
+
+def test_pickled_members_are_where_we_deliberately_differ_from_webdataset(tmp_path):
+    obj, tensor = {"a": [1, 2]}, torch.arange(4)
+    members = {"pyd": pickle.dumps(obj), "pickle": pickle.dumps(obj), "pkl": pickle.dumps(obj),
+               "pth": torch_saved(tensor), "pyd.gz": gzip.compress(pickle.dumps(obj))}
+    path = tar_of(tmp_path / "pickles.tar", "s", members)
+    ours, theirs = both_decoders(path)
+    assert theirs["pyd"] == theirs["pickle"] == theirs["pkl"] == theirs["pyd.gz"] == obj
+    assert torch.equal(theirs["pth"], tensor)
+    assert ours == {**members, "pyd.gz": pickle.dumps(obj)}  # never unpickled: bytes (a .gz one unzipped)
+    unsafe, theirs = both_decoders(path, unsafe_pickle=True)
+    assert all(same(unsafe[k], theirs[k]) for k in members)
+
+
+def test_msgpack_members_decode_where_msgpack_is_installed(tmp_path, monkeypatch):
+    msgpack = pytest.importorskip("msgpack", reason="msgpack is not installed: `pip install -e .[test]` brings it")
+    value = {"caption": "a cat", "boxes": [[1, 2, 3, 4]], "score": 0.5, "raw": b"\x00\xff"}
+    members = {"mp": msgpack.packb(value), "msg": msgpack.packb([1, "two"]), "mp.gz": gzip.compress(msgpack.packb(3))}
+    path = tar_of(tmp_path / "mp.tar", "s", members)
+    ours, theirs = both_decoders(path)
+    assert all(same(ours[k], theirs[k]) for k in members) and ours["mp"] == value
+    monkeypatch.setitem(sys.modules, "msgpack", None)  # not installed: the members stay bytes
+    assert ours_of(path) == {**members, "mp.gz": msgpack.packb(3)}
+
+
+def test_tenbin_reader_refuses_what_does_not_fit():
+    from webdataset import tenbin
+
+    from vlmstream.stages.decode import read_tenbin
+
+    good = bytes(tenbin.encode_buffer([np.arange(6, dtype=np.int32).reshape(2, 3)]))
+    assert same(read_tenbin(good), tenbin.decode_buffer(good)) and read_tenbin(b"") == []
+    bad_dims = bytearray(good)
+    bad_dims[16 + 24:16 + 32] = (5).to_bytes(8, "little")  # dims (5, 3): 60 bytes claimed, 24 there
+    cases = {"no chunk starts at byte 0": b"x" * 80, "past the member's end": good[:-60],
+             "not header and data pairs": good[:80], "does not fit": bytes(bad_dims),
+             "unsupported dtype": good.replace(b"i4\x00", b"O8\x00", 1)}
+    for message, data in cases.items():
+        with pytest.raises(ValueError, match=message):
+            read_tenbin(data)
+        with pytest.raises(vs.DecodeError, match=rf"member 'ten': ValueError: tenbin: .*{message}") as e:
+            vs.decode().decode_sample({"__key__": "k", "ten": data})
+        assert e.value.reason == "decode_failed"
+
+
+def test_gzip_bombs_are_refused_at_max_member_bytes():
+    bomb = gzip.compress(b"\x00" * (8 << 20), compresslevel=9)  # 8 MiB from 8 KiB
+    assert len(bomb) < 16 << 10
+    s = {"__key__": "k", "__url__": "http://h/s-1.tar", "txt.gz": bomb}
+    with pytest.raises(vs.DecodeError, match=r"s-1.tar: sample 'k' member 'txt.gz': .*max_member_bytes=1048576") as e:
+        vs.decode(max_member_bytes=1 << 20).decode_sample(s)
+    assert e.value.reason == "decompression_bomb"
+    assert len(vs.decode(max_member_bytes=8 << 20).decode_sample(s)["txt.gz"]) == 8 << 20  # at the limit: fine
+    assert len(vs.decode(max_member_bytes=None).decode_sample(s)["txt.gz"]) == 8 << 20
+    zipped = npz(zeros=np.zeros(1 << 20, np.uint8))  # npz members inflate too
+    with pytest.raises(vs.DecodeError, match=r"member 'npz': .*exceed max_member_bytes=65536") as e:
+        vs.decode(max_member_bytes=1 << 16).decode_sample({"__key__": "k", "npz": zipped})
+    assert e.value.reason == "decompression_bomb"
+    stage = vs.decode(max_member_bytes=1 << 20, on_error="skip")
+    assert list(stage(iter([s, {"__key__": "ok", "txt.gz": gzip.compress(b"fine")}]))) == [
+        {"__key__": "ok", "txt.gz": "fine"}]
+    assert stage.stats.skipped == {"decompression_bomb": 1}
+
+
+def test_broken_gzip_members_and_what_they_hold_have_precise_reasons(photo):
+    good = gzip.compress(b'{"a": 1}')
+    crc = bytearray(good)
+    crc[-8] ^= 0xFF
+    cases = [("json.gz", b"not gzip", "corrupt_gzip"), ("json.gz", good[:-6], "corrupt_gzip"),
+             ("json.gz", bytes(crc), "corrupt_gzip"), ("json.gz", gzip.compress(b"{"), "invalid_json"),
+             ("txt.gz", gzip.compress(b"\xff"), "invalid_utf8"),
+             ("jpg.gz", gzip.compress(jpeg(photo)[:300]), "corrupt_image"),
+             ("npy", npy(np.array([{"a": 1}], dtype=object)), "decode_failed"),  # an object array is a pickle
+             ("cls", b"seven", "decode_failed")]
+    stage = vs.decode(on_error="skip")
+    for ext, data, reason in cases:
+        with pytest.raises(vs.DecodeError, match=rf"member '{ext}'") as e:
+            vs.decode().decode_sample({"__key__": "k", ext: data})
+        assert e.value.reason == reason, (ext, e.value)
+    assert list(stage(iter([{"__key__": str(i), ext: data} for i, (ext, data, _) in enumerate(cases)]))) == []
+    assert stage.stats.skipped == {"corrupt_gzip": 3, "invalid_json": 1, "invalid_utf8": 1, "corrupt_image": 1,
+                                   "decode_failed": 2}
+
+
+def test_flags_choose_what_is_decoded_inside_gzip_too():
+    s = {"__key__": "k", "json.gz": gzip.compress(b"[1]"), "jsn": b"[2]", "text": b"t", "cls.gz": gzip.compress(b"4")}
+    assert vs.decode(json=False, txt=False, others=False).decode_sample(s) == {
+        "__key__": "k", "json.gz": b"[1]", "jsn": b"[2]", "text": b"t", "cls.gz": b"4"}  # unzipped, not decoded
+    assert vs.decode().decode_sample(s) == {"__key__": "k", "json.gz": [1], "jsn": [2], "text": "t", "cls.gz": 4}
 
 
 # ------------------------------------------------------------------------------------------- decoding in groups

@@ -111,7 +111,8 @@ class FetchError(Reasoned, IOError):
 
 class DecodeError(Reasoned, ValueError):
     """A member could not be decoded; the message names shard, key, member and reason. ``reason``:
-    "corrupt_image", "decompression_bomb", "invalid_json", "invalid_utf8", "unpickle_failed", "decode_failed"."""
+    "corrupt_image", "decompression_bomb", "corrupt_gzip", "invalid_json", "invalid_utf8", "unpickle_failed",
+    "decode_failed"."""
 
 
 def reason_of(exc: BaseException, default: str = "error") -> str:

@@ -362,15 +362,6 @@ class SheetLayout:
         return cols * self.cell_w, self.title_h + rows * self.cell_h
 
 
-def _font(size: int) -> Any:
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: the bitmap font, one size
-        return ImageFont.load_default()
-
-
 def _wrap(text: str, font: Any, width: int) -> list[str]:
     """Greedy word wrap by rendered width; words longer than a line are cut."""
     out: list[str] = []
@@ -415,11 +406,16 @@ def draw_tiled(im: Any, box: tuple[int, int, int, int], grid: tuple[int, int], d
 
 
 def contact_sheet(samples: Sequence[dict[str, Any]], *, tile: int = 512, max_side: int = 2048,
-                  layout: SheetLayout = SheetLayout(), title: str = "") -> Any:
-    """A PIL image: per sample its images with the tile grid drawn over them, beside its conversation."""
+                  layout: SheetLayout = SheetLayout(), title: str = "", fonts: Sequence[str] | None = None) -> Any:
+    """A PIL image: per sample its images with the tile grid drawn over them, beside its conversation.
+
+    ``fonts``: font files for the characters Pillow's default font lacks (CJK, emoji, ...), tried in order for
+    each; None: Noto Sans CJK and Noto Color Emoji where installed (`fonts.find_fonts`). Characters no font has
+    show as boxes, with one warning line."""
     from PIL import Image, ImageDraw
 
     from ..stages.decode import open_image
+    from .fonts import SheetFont, find_fonts, warn_missing
 
     L = layout
     n = len(samples)
@@ -427,16 +423,17 @@ def contact_sheet(samples: Sequence[dict[str, Any]], *, tile: int = 512, max_sid
     cols = max(1, min(L.columns, n))
     sheet = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(sheet)
-    font = _font(L.font_size)
-    small = _font(max(8, L.font_size - 2))
-    d.text((L.pad, L.pad), title or "vlmstream contact sheet", fill=(0, 0, 0), font=font)
-    d.text((L.pad, L.pad + L.line_h), f"{n} samples; tile grids of vs.ImageTiles(tile={tile}, max_side={max_side}): "
-           "red lines cut the tiles, a global view is added unless the grid is 1x1", fill=(90, 90, 90), font=small)
+    fonts = find_fonts() if fonts is None else fonts
+    font, small = SheetFont(L.font_size, fonts), SheetFont(max(8, L.font_size - 2), fonts)
+    font.draw(sheet, (L.pad, L.pad), title or "vlmstream contact sheet", fill=(0, 0, 0))
+    small.draw(sheet, (L.pad, L.pad + L.line_h), f"{n} samples; tile grids of vs.ImageTiles(tile={tile}, "
+               f"max_side={max_side}): red lines cut the tiles, a global view is added unless the grid is 1x1",
+               fill=(90, 90, 90))
     for i, s in enumerate(samples):
         cx, cy = (i % cols) * L.cell_w, L.title_h + (i // cols) * L.cell_h
         d.rectangle([cx + 2, cy + 2, cx + L.cell_w - 3, cy + L.cell_h - 3], outline=(215, 215, 215))
         where = f"{s.get('__key__', '?')}  {os.path.basename(str(s.get('__url__', '?')))} #{s.get('__index__', '?')}"
-        d.text((cx + L.pad, cy + L.pad), where, fill=(0, 0, 0), font=font)
+        font.draw(sheet, (cx + L.pad, cy + L.pad), where, fill=(0, 0, 0))
         try:
             conv = conversation_from_sample(s)
             messages, images = conv.messages, conv.images
@@ -460,7 +457,7 @@ def contact_sheet(samples: Sequence[dict[str, Any]], *, tile: int = 512, max_sid
             glob = " + global" if grid != (1, 1) else ""
             labels.append(f"{ext} {im.width}x{im.height} -> {grid[0]}x{grid[1]} tiles{glob}")
         for j, text in enumerate(_fit_lines(labels, small, L.cell + L.pad, 2)):
-            d.text((cx + L.pad, top + L.cell + 4 + j * L.line_h), text, fill=(60, 60, 60), font=small)
+            small.draw(sheet, (cx + L.pad, top + L.cell + 4 + j * L.line_h), text, fill=(60, 60, 60))
         # the conversation, wrapped beside the images
         tx, ty = cx + L.pad * 2 + L.cell, top
         bottom = cy + L.cell_h - L.pad - L.line_h
@@ -473,13 +470,14 @@ def contact_sheet(samples: Sequence[dict[str, Any]], *, tile: int = 512, max_sid
             lines = _wrap(f"{m['role']}: {content}", font, L.text_width)
             for line in lines:
                 if ty > bottom:
-                    d.text((tx, ty), "...", fill=(0, 0, 0), font=font)
+                    font.draw(sheet, (tx, ty), "...", fill=(0, 0, 0))
                     break
-                d.text((tx, ty), line, fill=ROLE_COLORS.get(m["role"], (0, 0, 0)), font=font)
+                font.draw(sheet, (tx, ty), line, fill=ROLE_COLORS.get(m["role"], (0, 0, 0)))
                 ty += L.line_h
             else:
                 continue
             break
+    warn_missing([font, small])
     return sheet
 
 

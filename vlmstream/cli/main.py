@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Sequence
 
@@ -27,6 +28,12 @@ def load_tokenizer(name: str | None, template: str = "chatml", image_token_lengt
 
 
 # ---------------------------------------------------------------------------------------------------- inspect
+
+
+def _font_file(path: str) -> str:
+    if not os.path.isfile(path):  # refused before the shards are read, not after
+        raise argparse.ArgumentTypeError(f"no font file {path!r}")
+    return path
 
 
 def add_inspect(sub: Any) -> None:
@@ -46,6 +53,9 @@ def add_inspect(sub: Any) -> None:
     p.add_argument("-n", "--samples", type=int, default=12, help="samples on the contact sheet")
     p.add_argument("--columns", type=int, default=2, help="samples per row of the contact sheet")
     p.add_argument("--cell", type=int, default=256, help="pixels of the square each sample's images are drawn in")
+    p.add_argument("--font", action="append", metavar="FILE", type=_font_file,
+                   help="a font file for the sheet's characters Pillow's default font lacks (CJK, emoji, ...); "
+                   "repeat for several, tried in order (default: Noto Sans CJK and Noto Color Emoji where installed)")
     p.add_argument("--first", action="store_true", help="the sheet shows the first samples (default: a random pick)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sheet's random pick")
     p.add_argument("--max-shards", type=int, help="read only the first N shards of the list")
@@ -69,7 +79,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         if res.picked:
             title = f"{res.spec if isinstance(res.spec, str) else res.spec[0] + ' ...'}: {res.shape.samples:,} samples"
             size = write_contact_sheet(args.sheet, res.picked, tile=args.tile, max_side=args.max_side, title=title,
-                                       layout=SheetLayout(columns=args.columns, cell=args.cell))
+                                       layout=SheetLayout(columns=args.columns, cell=args.cell), fonts=args.font)
             out["contact_sheet"] = {"path": args.sheet, "size": list(size), "samples": len(res.picked)}
         else:
             out["contact_sheet"] = None

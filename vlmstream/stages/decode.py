@@ -7,10 +7,15 @@ while decoding, which is several times faster when the target is much smaller th
 
 from __future__ import annotations
 
+import gzip
 import io
 import itertools
 import json
+import math
 import pickle
+import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Union
 
@@ -25,6 +30,8 @@ from ..errors import DecodeError, ErrorCounts, check_policy, handle, redact
 
 PICKLE_EXTS = ("pyd", "pickle", "pkl")  # pickle.loads: runs code from the shard; only with unsafe_pickle=True
 TORCH_EXTS = ("pth", "pt")  # torch.load(weights_only=False): the same
+JSON_EXTS = ("json", "jsn")  # decoded with json=True
+TEXT_EXTS = ("txt", "text", "transcript")  # decoded with txt=True
 
 
 class ImageTransform(Protocol):
@@ -190,6 +197,7 @@ class DecodeStats(ErrorCounts):
 
 
 def _reason(e: Exception, key: str) -> str:
+    key = key[:-3] if key.endswith(".gz") else key  # a gzipped member failed as what it holds
     ext = key.rsplit(".", 1)[-1].lower()
     if isinstance(e, DecodeError):
         return e.reason
@@ -219,16 +227,113 @@ def _nbytes(x: Any) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- members other than images, json, txt
+# What webdataset's default decoder does with them, where it can be done without running code from the shard.
+
+
+def gunzip(data: bytes, limit: int | None) -> bytes:
+    """A gzip member's bytes, decompressed 1 MiB at a time: a small member that inflates to gigabytes (a gzip
+    bomb) is refused as soon as it passes `limit` bytes, never held whole. Several gzip members in a row are
+    one stream, as the gzip tool and webdataset read them."""
+    out, size = [], 0
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            while chunk := f.read(1 << 20):
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    raise DecodeError(f"decompresses to more than max_member_bytes={limit}",
+                                      reason="decompression_bomb")
+                out.append(chunk)
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, a bad CRC or length, cut short
+        raise DecodeError(f"not a whole gzip stream: {type(e).__name__}: {e}", reason="corrupt_gzip") from None
+    return b"".join(out)
+
+
+def _int(data: bytes, limit: int | None) -> int:
+    return int(data)  # as webdataset: ASCII digits, surrounding whitespace allowed
+
+
+def _npy(data: bytes, limit: int | None) -> np.ndarray:
+    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)  # object arrays are pickles: refused
+
+
+def _npz(data: bytes, limit: int | None) -> dict[str, Any]:
+    """A dict of arrays, as webdataset's; its zip members may be compressed, so their sizes are bounded first."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        size = sum(info.file_size for info in z.infolist())  # zipfile reads no more than these sizes
+    if limit is not None and size > limit:
+        raise DecodeError(f"npz arrays of {size} bytes exceed max_member_bytes={limit}", reason="decompression_bomb")
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return dict(z)
+
+
+def _msgpack(data: bytes, limit: int | None) -> Any:
+    try:
+        import msgpack
+    except ImportError:  # an optional package: without it the member stays bytes (docs/PIPELINE.md)
+        return data
+    return msgpack.unpackb(data)  # webdataset's call: plain values, never objects of the shard's choosing
+
+
+TENBIN_MAGIC = b"~TenBin~"
+TENBIN_DTYPES = {b"f2": "<f2", b"f4": "<f4", b"f8": "<f8", b"i1": "i1", b"i2": "<i2", b"i4": "<i4", b"i8": "<i8",
+                 b"u1": "u1", b"u2": "<u2", b"u8": "<u8"}  # the dtypes webdataset's tenbin writes
+
+
+def read_tenbin(data: bytes, limit: int | None = None) -> list[np.ndarray]:
+    """The arrays of webdataset's tenbin format (`.ten`, `.tb` members), as read-only views of `data`.
+
+    The format is a run of chunks (8 bytes ``~TenBin~``, an int64 length, the bytes padded to 64), two per array:
+    a header of int64s (dtype code such as ``f4``, an 8-byte name, rank, dims), then the array's bytes.
+    Little-endian, as webdataset writes it on every machine it runs on. Any mismatch is an error.
+    """
+    view, chunks, pos = memoryview(data), [], 0
+    while pos < len(data):
+        if bytes(view[pos:pos + 8]) != TENBIN_MAGIC or pos + 16 > len(data):
+            raise ValueError(f"tenbin: no chunk starts at byte {pos}")
+        (n,) = struct.unpack_from("<q", data, pos + 8)
+        if n < 0 or pos + 16 + n > len(data):
+            raise ValueError(f"tenbin: the chunk at byte {pos} claims {n} bytes, past the member's end")
+        chunks.append(view[pos + 16:pos + 16 + n])
+        pos += 16 + -(-n // 64) * 64
+    if len(chunks) % 2:
+        raise ValueError(f"tenbin: {len(chunks)} chunks, not header and data pairs")
+    arrays = []
+    for i in range(0, len(chunks), 2):
+        head, body = chunks[i], chunks[i + 1]
+        if len(head) < 24 or len(head) % 8:
+            raise ValueError(f"tenbin: array {i // 2}: a header of {len(head)} bytes")
+        code, (rank, *shape) = bytes(head[:8]).rstrip(b"\0"), np.frombuffer(head[16:], "<i8").tolist()
+        if code not in TENBIN_DTYPES:
+            raise ValueError(f"tenbin: array {i // 2}: unsupported dtype {code!r}")
+        dtype = np.dtype(TENBIN_DTYPES[code])
+        if rank != len(shape) or min(shape, default=0) < 0 or math.prod(shape) * dtype.itemsize != len(body):
+            raise ValueError(f"tenbin: array {i // 2}: shape {shape} of {code.decode()} does not fit {len(body)} bytes")
+        arrays.append(np.frombuffer(body, dtype).reshape(shape))
+    return arrays
+
+
+# extension -> decoder(bytes, max_member_bytes), for decode(others=True): cls and the like to int (webdataset's
+# "cls cls2 index inx id"), npy/npz with numpy (never allow_pickle), msgpack where installed, tenbin.
+OTHER_DECODERS: dict[str, Callable[[bytes, Optional[int]], Any]] = {
+    **dict.fromkeys(("cls", "cls2", "index", "inx", "id"), _int),
+    "npy": _npy, "npz": _npz, "mp": _msgpack, "msg": _msgpack, "ten": read_tenbin, "tb": read_tenbin,
+}
+
+
 class decode:
     """The stage: decode image members with ``image`` ("pil", "uint8", "float" or a transform such as
-    ``Resize(224)`` / ``ImageTiles(...)``), ``json`` members to objects and ``txt`` members to str.
+    ``Resize(224)`` / ``ImageTiles(...)``), ``json`` (and ``jsn``) members to objects and ``txt`` (``text``,
+    ``transcript``) members to str; with ``others``, the members webdataset's decoder also decodes where that is
+    safe (`OTHER_DECODERS`: ``cls`` and the like to int, ``npy``/``npz`` arrays, msgpack, tenbin).
 
-    Only what is named is decoded (``image=None`` leaves images as bytes); other members pass through as
-    bytes. Pickled members (``.pyd``, ``.pickle``, ``.pkl``, ``.pth``, ``.pt``) are never unpickled, since
-    unpickling runs code chosen by whoever wrote the shard, unless ``unsafe_pickle=True`` is given by name.
-    ``max_pixels`` refuses decompression bombs before decoding. ``rgb``: how images in other modes become RGB
-    ("white": transparency on white, 16-bit scaled; "pillow": Pillow's convert, as nanoVLM; see `open_image`).
-    ``on_error``: "raise" a `DecodeError`
+    Only what is named is decoded (``image=None`` leaves images as bytes, ``others=False`` those members); the
+    rest pass through as bytes. A ``.gz`` member (``txt.gz``) is gunzipped and decoded as what it holds, under
+    its own name, as webdataset does; it may inflate to ``max_member_bytes`` at most. Pickled members
+    (``.pyd``, ``.pickle``, ``.pkl``, ``.pth``, ``.pt``) are never unpickled, since unpickling runs code chosen by
+    whoever wrote the shard, unless ``unsafe_pickle=True`` is given by name. ``max_pixels`` refuses decompression
+    bombs before decoding. ``rgb``: how images in other modes become RGB ("white": transparency on white, 16-bit
+    scaled; "pillow": Pillow's convert, as nanoVLM; see `open_image`). ``on_error``: "raise" a `DecodeError`
     naming shard, key, member and reason, or "skip" the sample (and "warn": also log it), counted in
     ``stats.skipped`` by reason.
 
@@ -244,7 +349,8 @@ class decode:
 
     def __init__(self, image: str | ImageTransform | None = "pil", *, json: bool = True, txt: bool = True,
                  max_pixels: int | None = 178_956_970, on_error: str = "raise", unsafe_pickle: bool = False,
-                 group: int = 8, rgb: str = "white"):
+                 group: int = 8, rgb: str = "white",
+                 others: bool = True, max_member_bytes: int | None = 1 << 30):
         if group < 1:
             raise ValueError(f"group must be >= 1, not {group}")
         if rgb not in RGB_MODES:
@@ -259,6 +365,7 @@ class decode:
         self.on_error = check_policy(on_error)
         self.unsafe_pickle = unsafe_pickle is True
         self.group = group
+        self.others, self.max_member_bytes = others, max_member_bytes
         self.stats = DecodeStats()
         self.pending: list[tuple[Any, dict[str, Any]]] = []  # read, not yet passed on: a checkpoint refers to them
         self._resume: list[Any] = []  # samples of a checkpoint's group, fetched again: decoded first
@@ -267,13 +374,17 @@ class decode:
             Image.init()  # image of every epoch (about 0.1 s each, measured)
 
     def _member(self, key: str, value: bytes) -> Any:
+        if ("." + key).endswith(".gz"):  # webdataset's test, case and all: "txt.gz" holds a "txt"
+            key, value = key[:-3], gunzip(value, self.max_member_bytes)
         ext = key.rsplit(".", 1)[-1]
         if self.image is not None and is_image_ext(key):
             return self.image(open_image(value, self.draft, self.max_pixels, self.rgb))
-        if self.json and ext == "json":
+        if self.json and ext in JSON_EXTS:
             return json.loads(value)
-        if self.txt and ext == "txt":
+        if self.txt and ext in TEXT_EXTS:
             return value.decode("utf-8")
+        if self.others and ext in OTHER_DECODERS:
+            return OTHER_DECODERS[ext](value, self.max_member_bytes)
         if self.unsafe_pickle:
             if ext.lower() in PICKLE_EXTS:
                 return pickle.loads(value)
