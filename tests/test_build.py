@@ -344,6 +344,30 @@ def test_bad_records_are_rejected_with_position_and_reason(bad_jsonl, tmp_path):
     assert check_manifest(out)["packing"]["rejects"] == 5
 
 
+def test_empty_captions_are_rejects_named_empty_caption(vqa, data_dir, tmp_path, capsys):
+    """Caption records and image-folder captions that are empty or blank (img2dataset writes an empty .txt for a
+    missing caption) are rejects with the reason empty_caption, counted apart in the summary."""
+    path = tmp_path / "captions.jsonl"
+    captions = ["a circle", "", " \n", "blue"]
+    path.write_text("".join(json.dumps({"image": f"images/{i}.png", "caption": c}) + "\n"
+                            for i, c in zip(vqa.ids, captions)))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, caption in (("a", ""), ("b", "green")):
+        shutil.copyfile(vqa.paths[vqa.ids[0]], folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(caption)
+    out = str(tmp_path / "out")
+    assert run_pack([str(path), str(folder)], out, "--image-root", data_dir) == 0
+    assert "3 rejects (3 empty captions)" in capsys.readouterr().out
+    assert [json.loads(s["json"])["messages"][1]["content"] for s in read_pack(out)] == ["a circle", "blue", "green"]
+    with open(os.path.join(out, "rejects.jsonl")) as f:
+        rejects = [json.loads(line) for line in f]
+    assert [(r["source"], r["position"], r["index"], r["reason"]) for r in rejects] == [
+        (str(path), 1, 1, "empty_caption"), (str(path), 2, 2, "empty_caption"), (str(folder), 0, 4, "empty_caption")]
+    packing = check_manifest(out)["packing"]
+    assert (packing["rejects"], packing["empty_captions"]) == (3, 3)
+
+
 def _at_most_2_gib():
     import resource
 

@@ -106,8 +106,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "vlmstream pack") -> int
             merge_main(argv[1:], prog)
         else:
             doc = pack(parse_args(argv, prog))
+            empty = doc["packing"]["empty_captions"]
             print(f"{prog}: {doc['samples']} samples, {doc['num_shards']} shards, {doc['bytes']} bytes, "
-                  f"{doc['rejects']} rejects, {doc['seconds']:.1f} s "
+                  f"{doc['rejects']} rejects{f' ({empty} empty captions)' if empty else ''}, {doc['seconds']:.1f} s "
                   f"({doc['samples'] / max(doc['seconds'], 1e-9):.0f} samples/s) -> {doc['path']}")
     except (PackError, FormatError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

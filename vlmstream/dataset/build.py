@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from ..progress import bar
-from .format import rejects_name
+from .format import EMPTY_CAPTION, rejects_name
 from .output import Folder, PackError, check_output, open_folder, publish, start_staging
 from .records import Input, Record, convert_batch, open_input, read_records
 from .writer import ShardWriter
@@ -267,7 +267,7 @@ def _pack(args: argparse.Namespace, out: Folder, pool: ProcessPoolExecutor | Non
                       max_image_bytes=args.max_image_bytes, allow_outside_root=args.allow_outside_root)
     staging = start_staging(out, job)
     try:  # whatever happens (an error, Ctrl-C), the staging area goes; a finished pack has left it first
-        rejects = 0
+        rejects = empty_captions = 0
         with open(os.path.join(staging.path, rejects_name(job)), "w", encoding="utf-8") as rej, \
                 ShardWriter(staging.path, args.prefix, args.maxcount, args.maxsize, job,
                             on_shard=staging.shard_done) as writer, \
@@ -282,6 +282,7 @@ def _pack(args: argparse.Namespace, out: Folder, pool: ProcessPoolExecutor | Non
                 pb.update(1)
                 if reject is not None:
                     rejects += 1
+                    empty_captions += reject["reason"] == EMPTY_CAPTION
                     rej.write(json.dumps(reject) + "\n")
                     if args.strict:
                         raise PackError(f"--strict: bad record in {_where(reject)}: {reject['reason']}")
@@ -295,6 +296,7 @@ def _pack(args: argparse.Namespace, out: Folder, pool: ProcessPoolExecutor | Non
             "inputs": [{"path": i.path, "format": i.format, "records": i.count} for i in inputs],
             "records": total,
             "rejects": rejects,
+            "empty_captions": empty_captions,  # of the rejects
             "shuffle_seed": seed,
             "max_side": args.max_side,
         }

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from ..errors import FormatError
 from .format import (
+    EMPTY_CAPTION,
     IMAGE_EXTS,
     IMAGE_PLACEHOLDER,
     META_PROVENANCE,
@@ -131,6 +132,8 @@ def parse_record(rec: Any, schema: str) -> tuple[list[dict[str, str]], list[Any]
         caption = rec.get("caption")
         if not isinstance(caption, str):
             raise FormatError("caption must be a string")
+        if not caption.strip():  # a reject named apart: LAION-style data has many, and they are not broken records
+            raise FormatError(EMPTY_CAPTION, reason=EMPTY_CAPTION)
         messages = [{"role": "user", "content": IMAGE_PLACEHOLDER}, {"role": "assistant", "content": caption.strip()}]
         return messages, _image_list(rec.get("image")), {"image", "caption"}
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from tokenizers import AddedToken, Tokenizer
 
-from ..dataset.format import IMAGE_PLACEHOLDER, conversation_from_sample
+from ..dataset.format import EMPTY_CAPTION, IMAGE_PLACEHOLDER, conversation_from_sample
 from ..errors import ErrorCounts, FormatError, check_policy, handle, redact
 from .tiles import Tiles, num_tiles
 
@@ -213,6 +213,7 @@ class TokenizeStats(ErrorCounts):
     too_long: int = 0  # dropped, or truncated with overflow="truncate"
     truncated: int = 0
     no_answer: int = 0  # dropped: no answer token left (or none to begin with)
+    empty_caption: int = 0  # dropped: a caption sample with an empty caption (LAION-style data has them)
 
 
 class tokenize:
@@ -236,7 +237,13 @@ class tokenize:
         self.stats = TokenizeStats()
 
     def encode_sample(self, sample: Mapping[str, Any]) -> dict[str, Any] | None:
-        conv = conversation_from_sample(sample)
+        try:
+            conv = conversation_from_sample(sample)
+        except FormatError as e:
+            if e.reason != EMPTY_CAPTION:
+                raise
+            self.stats.empty_caption += 1  # nothing to learn, but not an error: counted whatever on_error says
+            return None
         tiles = [_as_tiles(sample[ext], sample, ext) for ext in conv.images]
         try:
             enc = self.tok.encode(conv.messages, [t.grid for t in tiles])
