@@ -15,7 +15,9 @@ What the packer (``tools/pack_shards.py``) writes, exactly:
   input), ``line`` (1-based line number, JSONL inputs only), then the record's own fields that are not part
   of the conversation (``id``, dataset ``source``, ...). A record field whose name collides with one of
   ``META_PROVENANCE`` is stored as ``record_<name>``.
-  An image folder's samples carry ``file``, the image's path relative to the folder.
+  An image folder's samples carry ``file``, the image's path relative to the folder; a webdataset shard's
+  carry ``tar_key``, the sample's key in the shard (``source`` is the shard's redacted URL, ``position`` the
+  sample's rank in it).
 - images: the input bytes unchanged, unless ``--max-side N`` and the long side exceeds N: then the image is
   turned by its EXIF orientation, downscaled to a long side of N and re-encoded, as PNG (RGBA) if it has
   alpha, else as JPEG (L or RGB, ``--jpeg-quality``).
@@ -25,8 +27,8 @@ What the packer (``tools/pack_shards.py``) writes, exactly:
   the archive ends with two zero blocks, padded to a multiple of 10240 bytes like tarfile and GNU tar.
 - shard names: ``shard_name(prefix, n, job, pack_id(shards))``, e.g. ``shard-3fa9c2e1-000000.tar``.
 - ``rejects.jsonl`` (``rejects_name``): one JSON object per record not packed, in input order:
-  ``{"source", "position", "line" (JSONL only), "index", "reason"}``; an empty or blank caption's reason is
-  ``EMPTY_CAPTION``.
+  ``{"source", "position", "line" (JSONL only), "tar_key" (webdataset shards only), "index", "reason"}``; an
+  empty or blank caption's reason is ``EMPTY_CAPTION``.
 - the manifest's informative ``packing`` key: ``inputs`` (``path``, detected ``format``, ``records``),
   ``records`` (all inputs), ``rejects``, ``empty_captions`` (of the rejects), ``shuffle_seed``, ``max_side``; a
   job's manifest adds ``job``, ``num_jobs`` and ``positions`` (the ``[start, stop)`` of output positions it
@@ -64,7 +66,7 @@ PIL_FORMAT_EXT = {
 # and the packer rejects it under this name.
 EMPTY_CAPTION = "empty_caption"
 # Keys the packer puts in ``meta`` to say where a sample came from; a record's own fields never override them.
-META_PROVENANCE = ("source", "position", "line")
+META_PROVENANCE = ("source", "position", "line", "tar_key")
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # archives are padded to whole records of 20 blocks, as tarfile and GNU tar do
 
