@@ -837,6 +837,14 @@ def test_img2dataset_shards_pack_by_brace_pattern_and_stream_back(laion, tmp_pat
     again = str(tmp_path / "again")
     assert run_pack([p for p, _ in shards], again, "--maxcount", "6", "--workers", "3") == 0
     assert shard_bytes(again) == shard_bytes(out)
+    # images are converted as any input's: --max-side re-encodes the 64 px JPEGs at 32 px
+    from PIL import Image
+
+    small = str(tmp_path / "small")
+    assert run_pack([f"{root}/{{00000..00002}}.tar"], small, "--max-side", "32") == 0
+    for s, (_, _, _, want) in zip(stream(os.path.join(small, "index.json")), expected_captions(shards)):
+        with Image.open(io.BytesIO(s["0.jpg"])) as im, Image.open(io.BytesIO(want.jpg)) as orig:
+            assert (im.format, im.size, orig.size) == ("JPEG", (32, 32), (64, 64))
 
 
 def test_webdataset_shardwriter_shards_tar_gz_and_tgz(vqa, tmp_path):
