@@ -67,20 +67,20 @@ class CaptionSample:
     meta: dict  # the json member
 
 
-def img2dataset_samples(n_images: int = 24, first: int = 0) -> list[CaptionSample]:
+def img2dataset_samples(n_images: int = 24) -> list[CaptionSample]:
     """easy-VQA images as JPEG, captioned with their answers; every 5th caption empty and every 7th blank, as
     img2dataset writes a missing caption (an empty txt), some with the trailing newline of a text file."""
     import hashlib
 
     from PIL import Image
 
-    questions, answers, ids = easy_vqa.get_train_questions()
+    _, answers, ids = easy_vqa.get_train_questions()
     paths = easy_vqa.get_train_image_paths()
     words: dict[int, list[str]] = {}
     for a, i in zip(answers, ids):
         words.setdefault(i, []).append(a)
     out = []
-    for n, i in enumerate(sorted(words)[first:first + n_images], first):
+    for n, i in enumerate(sorted(words)[:n_images]):
         buf = io.BytesIO()
         with Image.open(paths[i]) as im:
             im.convert("RGB").save(buf, "JPEG", quality=90)
