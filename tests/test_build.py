@@ -4,19 +4,26 @@ and its pure maths (shuffle permutation, job partition) apart from any I/O."""
 from __future__ import annotations
 
 import glob
+import gzip
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import vlmstream as vs
 from conftest import SCHEMA_CASES, TOOLS, Case, FullDisk, check_manifest, read_pack, run_pack, shard_bytes
+from servers import Fault, FaultPlan, fault_server
+from vlm_data import CaptionSample, img2dataset_samples, write_img2dataset_shards
 from vlmstream.dataset.build import Positions, job_of, job_positions, shuffled_position, shuffled_positions
-from vlmstream.dataset.format import conversation_from_sample, pack_id, read_manifest
+from vlmstream.dataset.format import ShardInfo, conversation_from_sample, pack_id, read_manifest, write_manifest
 
 TOOL = os.path.join(TOOLS, "pack_shards.py")
 
@@ -342,6 +349,30 @@ def test_bad_records_are_rejected_with_position_and_reason(bad_jsonl, tmp_path):
     assert reasons[3] == "empty conversation"
     assert reasons[4] == "no assistant answer"
     assert check_manifest(out)["packing"]["rejects"] == 5
+
+
+def test_empty_captions_are_rejects_named_empty_caption(vqa, data_dir, tmp_path, capsys):
+    """Caption records and image-folder captions that are empty or blank (img2dataset writes an empty .txt for a
+    missing caption) are rejects with the reason empty_caption, counted apart in the summary."""
+    path = tmp_path / "captions.jsonl"
+    captions = ["a circle", "", " \n", "blue"]
+    path.write_text("".join(json.dumps({"image": f"images/{i}.png", "caption": c}) + "\n"
+                            for i, c in zip(vqa.ids, captions)))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, caption in (("a", ""), ("b", "green")):
+        shutil.copyfile(vqa.paths[vqa.ids[0]], folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(caption)
+    out = str(tmp_path / "out")
+    assert run_pack([str(path), str(folder)], out, "--image-root", data_dir) == 0
+    assert "3 rejects (3 empty captions)" in capsys.readouterr().out
+    assert [json.loads(s["json"])["messages"][1]["content"] for s in read_pack(out)] == ["a circle", "blue", "green"]
+    with open(os.path.join(out, "rejects.jsonl")) as f:
+        rejects = [json.loads(line) for line in f]
+    assert [(r["source"], r["position"], r["index"], r["reason"]) for r in rejects] == [
+        (str(path), 1, 1, "empty_caption"), (str(path), 2, 2, "empty_caption"), (str(folder), 0, 4, "empty_caption")]
+    packing = check_manifest(out)["packing"]
+    assert (packing["rejects"], packing["empty_captions"]) == (3, 3)
 
 
 def _at_most_2_gib():
@@ -729,3 +760,310 @@ def test_vlmstream_pack_and_the_tool_write_the_same_bytes(llava_json, tmp_path):
     assert vlmstream_main(["pack", *llava_json.inputs, "--output", b, "--maxcount", "7", "--shuffle", "--seed", "3",
                            "--workers", "1"]) == 0
     assert shard_bytes(a) == shard_bytes(b) and len(shard_bytes(a)) > 3
+
+
+# ------------------------------------------------------------------------------------ webdataset inputs
+
+
+def stream(index: str) -> list[dict]:
+    """A pack's samples as a training job reads them: vs.shards(index.json) -> fetch -> tar_samples -> decode,
+    images left as bytes, json decoded."""
+    pipe = vs.Pipeline(vs.shards(index, shuffle=False), vs.fetch(), vs.tar_samples(), vs.decode(None))
+    return list(pipe)
+
+
+def expected_captions(shards: list[tuple[str, list[CaptionSample]]]) -> list[tuple[int, str, int, CaptionSample]]:
+    """(global index, shard as given, position in it, sample) of every non-empty caption, in input order."""
+    out, index = [], 0
+    for source, samples in shards:
+        for position, s in enumerate(samples):
+            if s.caption.strip():
+                out.append((index, source, position, s))
+            index += 1
+    return out
+
+
+def check_captions(samples: list[dict], shards: list[tuple[str, list[CaptionSample]]]) -> None:
+    """Every non-empty caption arrives, keyed by its global index, with its exact image bytes and img2dataset's
+    metadata (its json's fields; the caption itself only once, in the conversation)."""
+    expected = expected_captions(shards)
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i, _, _, _ in expected]
+    for got, (_, source, position, s) in zip(samples, expected):
+        doc = got["json"]
+        assert doc["messages"] == [{"role": "user", "content": "<image>"},
+                                   {"role": "assistant", "content": s.caption.strip()}]
+        assert doc["images"] == ["0.jpg"] and got["0.jpg"] == s.jpg
+        meta = {k: v for k, v in s.meta.items() if k != "caption"}
+        assert doc["meta"] == {"source": source, "position": position, "tar_key": s.key, **meta}
+        assert set(got) - {"__key__", "__url__", "__offset__", "__index__", "__local_path__"} == {"json", "0.jpg"}
+
+
+def check_empty_caption_rejects(out: str, shards: list[tuple[str, list[CaptionSample]]]) -> None:
+    with open(os.path.join(out, "rejects.jsonl")) as f:
+        rejects = [json.loads(line) for line in f]
+    want, index = [], 0
+    for source, samples in shards:
+        for position, s in enumerate(samples):
+            if not s.caption.strip():
+                want.append({"source": source, "position": position, "tar_key": s.key, "index": index,
+                             "reason": "empty_caption"})
+            index += 1
+    assert rejects == want
+    packing = check_manifest(out)["packing"]
+    assert packing["rejects"] == packing["empty_captions"] == len(want)
+
+
+@pytest.fixture(scope="module")
+def laion(tmp_path_factory) -> tuple[str, list[tuple[str, list[CaptionSample]]]]:
+    """img2dataset-shaped shards, written with tarfile: laion/0000{0,1,2}.tar, 10 + 10 + 4 samples."""
+    root = tmp_path_factory.mktemp("laion")
+    samples = img2dataset_samples(24)
+    paths = write_img2dataset_shards(str(root), samples, per_shard=10)
+    return str(root), [(p, samples[k * 10:(k + 1) * 10]) for k, p in enumerate(paths)]
+
+
+def test_img2dataset_shards_pack_by_brace_pattern_and_stream_back(laion, tmp_path, capsys):
+    root, shards = laion
+    out = str(tmp_path / "out")
+    assert run_pack([f"{root}/{{00000..00002}}.tar"], out, "--maxcount", "6") == 0
+    empty = sum(not s.caption.strip() for _, ss in shards for s in ss)
+    assert f"7 rejects ({empty} empty captions)" in capsys.readouterr().out and empty == 7
+    check_captions(stream(os.path.join(out, "index.json")), shards)
+    check_empty_caption_rejects(out, shards)
+    packing = check_manifest(out)["packing"]
+    assert packing["inputs"] == [{"path": p, "format": "webdataset", "records": len(ss)} for p, ss in shards]
+    assert packing["records"] == 24
+    # the same bytes each run, whatever the worker count, and from the shards named one by one (a shell's braces)
+    again = str(tmp_path / "again")
+    assert run_pack([p for p, _ in shards], again, "--maxcount", "6", "--workers", "3") == 0
+    assert shard_bytes(again) == shard_bytes(out)
+    # images are converted as any input's: --max-side re-encodes the 64 px JPEGs at 32 px
+    from PIL import Image
+
+    small = str(tmp_path / "small")
+    assert run_pack([f"{root}/{{00000..00002}}.tar"], small, "--max-side", "32") == 0
+    for s, (_, _, _, want) in zip(stream(os.path.join(small, "index.json")), expected_captions(shards)):
+        with Image.open(io.BytesIO(s["0.jpg"])) as im, Image.open(io.BytesIO(want.jpg)) as orig:
+            assert (im.format, im.size, orig.size) == ("JPEG", (32, 32), (64, 64))
+
+
+def test_webdataset_shardwriter_shards_tar_gz_and_tgz(vqa, tmp_path):
+    """Shards written by webdataset's own ShardWriter and TarWriter (gzip too) and a .tgz: every caption sample
+    with all its images in tar order, the json's fields in meta, a conversation sample taken as it is, and the
+    members that are neither images, caption nor json (.cls, .npy) left out."""
+    import numpy as np
+    import webdataset as wds
+
+    pngs = [vqa.png[i] for i in vqa.ids]
+    conversation = {"messages": [{"role": "user", "content": "<image>\nwhat shape?"},
+                                 {"role": "assistant", "content": "circle"}],
+                    "images": ["0.png"], "meta": {"source": "easy-vqa.json", "position": 3, "id": 7}}
+
+    def sample(n: int) -> dict:
+        if n == 5:
+            return {"__key__": f"s{n:04d}", "json": conversation, "0.png": pngs[n]}
+        s = {"__key__": f"s{n:04d}", "png": pngs[n], "txt": f"caption {n}", "json": {"id": n, "caption": "other"},
+             "cls": n % 3, "npy": np.arange(3)}
+        if n % 4 == 1:
+            s["seg.jpg"] = pngs[n + 1]  # a second image member (PNG bytes: the packer names them by their format)
+        return s
+
+    with wds.ShardWriter(str(tmp_path / "wds-%06d.tar"), maxcount=7, verbose=0) as w:
+        for n in range(12):
+            w.write(sample(n))
+    with wds.TarWriter(str(tmp_path / "extra.tar.gz")) as w:
+        for n in range(12, 15):
+            w.write(sample(n))
+    with wds.TarWriter(str(tmp_path / "plain.tar")) as w:
+        for n in range(15, 18):
+            w.write(sample(n))
+    with open(tmp_path / "plain.tar", "rb") as f, gzip.open(tmp_path / "last.tgz", "wb") as g:
+        g.write(f.read())
+    inputs = [str(tmp_path / "wds-{000000..000001}.tar"), str(tmp_path / "extra.tar.gz"), str(tmp_path / "last.tgz")]
+    out = str(tmp_path / "out")
+    assert run_pack(inputs, out) == 0
+    got = stream(os.path.join(out, "index.json"))
+    assert [s["__key__"] for s in got] == [f"{n:09d}" for n in range(18)]
+    sources = [str(tmp_path / "wds-000000.tar")] * 7 + [str(tmp_path / "wds-000001.tar")] * 5 + \
+        [str(tmp_path / "extra.tar.gz")] * 3 + [inputs[2]] * 3
+    positions = list(range(7)) + list(range(5)) + list(range(3)) * 2
+    for n, s in enumerate(got):
+        doc, where = s["json"], {"source": sources[n], "position": positions[n], "tar_key": f"s{n:04d}"}
+        if n == 5:
+            assert doc["messages"] == conversation["messages"] and s["0.png"] == pngs[5]
+            assert doc["meta"] == {**where, "record_source": "easy-vqa.json", "record_position": 3, "id": 7}
+            continue
+        images = [pngs[n], pngs[n + 1]] if n % 4 == 1 else [pngs[n]]
+        assert doc["messages"] == [{"role": "user", "content": "<image>" * len(images)},
+                                   {"role": "assistant", "content": f"caption {n}"}]
+        assert doc["images"] == [f"{k}.png" for k in range(len(images))]
+        assert [s[e] for e in doc["images"]] == images
+        assert doc["meta"] == {**where, "id": n, "caption": "other"}  # a json caption unlike the txt: kept
+        assert not {"cls", "npy"} & set(s)
+    assert open(os.path.join(out, "rejects.jsonl")).read() == ""
+
+
+def test_a_pack_repacks_from_its_manifest_and_a_manifest_spares_the_count(laion, tmp_path, monkeypatch):
+    """Our own pack's index.json as input: each conversation taken as it is (its meta kept, its provenance
+    renamed record_*); the manifest's counts are the shards' counts, so --shuffle and jobs read no shard twice."""
+    import vlmstream.dataset.build as build
+
+    root, shards = laion
+    first = str(tmp_path / "first")
+    assert run_pack([f"{root}/0000*.tar"], first, "--maxcount", "5") == 0
+    packed = stream(os.path.join(first, "index.json"))
+    monkeypatch.setattr(build, "count_records", lambda inp: pytest.fail(f"{inp.path} counted by reading"))
+    again = str(tmp_path / "again")
+    assert run_pack([os.path.join(first, "index.json")], again, "--shuffle", "--seed", "1") == 0
+    repacked = {s["__key__"]: s for s in stream(os.path.join(again, "index.json"))}
+    assert len(repacked) == len(packed) and check_manifest(again)["packing"]["rejects"] == 0
+    doc = check_manifest(first)
+    urls = [os.path.join(first, s["url"]) for s in doc["shards"] for _ in range(s["samples"])]
+    for index, s in enumerate(packed):
+        r = repacked[f"{index:09d}"]
+        assert r["json"]["messages"] == s["json"]["messages"] and r["0.jpg"] == s["0.jpg"]
+        old = s["json"]["meta"]
+        assert r["json"]["meta"] == {
+            "source": urls[index], "position": index % 5, "tar_key": s["__key__"], "record_source": old["source"],
+            "record_position": old["position"], "record_tar_key": old["tar_key"],
+            **{k: v for k, v in old.items() if k not in ("source", "position", "tar_key")}}
+
+
+def test_shuffle_and_jobs_count_the_shards_first_and_read_each_shard_once_more(laion, tmp_path):
+    """Without a manifest, --shuffle and --num-jobs read each shard once to count it, then pack; the jobs' union
+    is the single pack, and the shuffle permutes the same samples."""
+    root, shards = laion
+    spec = f"{root}/{{00000..00002}}.tar"
+    single = str(tmp_path / "single")
+    assert run_pack([spec], single) == 0
+    by_key = {s["__key__"]: s for s in read_pack(single)}
+    shuffled = str(tmp_path / "shuffled")
+    assert run_pack([spec], shuffled, "--shuffle", "--seed", "5", "--maxcount", "4") == 0
+    got = read_pack(shuffled)
+    assert sorted(s["__key__"] for s in got) == sorted(by_key) and [s["__key__"] for s in got] != sorted(by_key)
+    assert all(s["json"] == by_key[s["__key__"]]["json"] and s["0.jpg"] == by_key[s["__key__"]]["0.jpg"] for s in got)
+    jobs = str(tmp_path / "jobs")
+    for j in range(3):
+        assert run_pack([spec], jobs, "--job-index", str(j), "--num-jobs", "3") == 0
+    assert run_pack_merge(sorted(glob.glob(os.path.join(jobs, "index.j*.json"))), os.path.join(jobs, "index.json")) == 0
+    assert [(s["__key__"], s["json"]) for s in read_pack(jobs)] == [(k, s["json"]) for k, s in by_key.items()]
+
+
+def test_webdataset_shards_over_http_are_fetched_once_each(laion, tmp_path):
+    """Shards over HTTP, by brace pattern and by manifest, through the reading stack's retries: a connection
+    reset mid-shard is resumed; a plain pack GETs each shard once, --shuffle twice (counting first)."""
+    root, shards = laion
+    served = tmp_path / "www"
+    shutil.copytree(root, served / "laion")
+    plan = FaultPlan({("/laion/00001.tar", 0): Fault(cut_at=5000)})
+    with fault_server(str(served), plan) as (url, _):
+        out = str(tmp_path / "out")
+        assert run_pack([f"{url}/laion/{{00000..00002}}.tar"], out, "--maxcount", "8") == 0
+        remote = [(f"{url}/laion/{os.path.basename(p)}", ss) for p, ss in shards]
+        check_captions(stream(os.path.join(out, "index.json")), remote)
+        check_empty_caption_rejects(out, remote)
+        gets = Counter(path for path, _, status in plan.log if status in (200, 206))
+        assert gets == {"/laion/00000.tar": 1, "/laion/00001.tar": 2, "/laion/00002.tar": 1}  # 2: the resume
+        # the pack served back: its manifest as input, over HTTP
+        shutil.copytree(out, served / "pack")
+        plan.log.clear()
+        again = str(tmp_path / "again")
+        assert run_pack([f"{url}/pack/index.json"], again, "--shuffle", "--seed", "0") == 0
+        assert sorted(s["__key__"] for s in read_pack(again)) == [f"{i:09d}" for i in range(17)]  # numbered anew
+        assert all(n == 1 for path, n in Counter(p for p, _, _ in plan.log).items() if path.endswith(".tar"))
+        plan.log.clear()
+        counted = str(tmp_path / "counted")
+        assert run_pack([f"{url}/laion/{{00000..00002}}.tar"], counted, "--shuffle", "--seed", "0") == 0
+        assert Counter(p for p, _, _ in plan.log) == {f"/laion/0000{k}.tar": 2 for k in range(3)}
+
+
+def write_tar(path, members: list[tuple[str, bytes]]) -> str:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_bad_webdataset_samples_are_rejects_with_the_reason(vqa, tmp_path, capsys):
+    """Each bad sample is a reject naming its shard, position, key and reason; a shard that breaks gives its
+    samples before the break and one reject for the rest; packing goes on with the next shard."""
+    png = vqa.png[vqa.ids[0]]
+    conv = lambda images, answer=True: json.dumps({  # noqa: E731
+        "messages": [{"role": "user", "content": "<image>" * len(images)}] + (
+            [{"role": "assistant", "content": "a circle"}] if answer else []), "images": images}).encode()
+    bad = write_tar(tmp_path / "bad.tar", [
+        ("k0.png", png), ("k0.txt", b"good"),
+        ("k1.png", png), ("k1.PNG", png), ("k1.txt", b"two images of one extension"),
+        ("k2.txt", b"no image"),
+        ("k3.png", png), ("k3.json", b'{"url": "https://example.com/3.png"}'),
+        ("k4.png", png), ("k4.json", b"{oops"), ("k4.txt", b"bad json"),
+        ("k5.png", b"not an image"), ("k5.txt", b"corrupt image"),
+        ("k6.png", png), ("k6.txt", b"\xffcaption"),
+        ("k7.0.png", png), ("k7.json", conv(["0.png"], answer=False)),
+        ("k8.0.png", png), ("k8.json", conv(["0.png", "1.png"])),
+        ("k9.png", png), ("k9.json", b'{"caption": null}'),
+        ("k10.png", png), ("k10.json", b'{"caption": "from the json", "id": 10}'),
+        ("k11.png", png), ("k11.cls", b"3"), ("k11.txt", b"good too"),
+    ])
+    whole = write_tar(tmp_path / "whole.tar", [(f"t{n}.{ext}", data) for n in range(6)
+                                                for ext, data in (("png", png), ("txt", f"caption {n}".encode()))])
+    with open(whole, "rb") as f:
+        data = f.read()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[:6144 + 512 + 100])  # into t3.png's data: t0 at 0, t1.png at 2048, ... 1 KiB a member
+    last = write_tar(tmp_path / "last.tar", [("z0.png", png), ("z0.txt", b"after the broken shard")])
+    out = str(tmp_path / "out")
+    assert run_pack([bad, str(cut), last], out) == 0
+    with open(os.path.join(out, "rejects.jsonl")) as f:
+        rejects = [json.loads(line) for line in f]
+    reasons = {(r["source"], r["position"]): r["reason"] for r in rejects}
+    assert [r.get("tar_key") for r in rejects if r["source"] == bad] == [f"k{n}" for n in range(1, 10)]
+    assert "extension 'png' is a duplicate in the sample" in reasons[bad, 1]
+    assert reasons[bad, 2] == "no image member (members: ['txt'])"
+    assert reasons[bad, 3] == "no caption: neither a txt member nor a json caption (members: ['json', 'png'])"
+    assert reasons[bad, 4].startswith("invalid json member")
+    assert reasons[bad, 5].startswith("unreadable image")
+    assert reasons[bad, 6].startswith("txt member is not UTF-8")
+    assert reasons[bad, 7] == "no assistant answer"  # a conversation without an answer stays an error
+    assert reasons[bad, 8] == "image members ['1.png'] referenced but not in the sample"
+    assert reasons[bad, 9] == "empty_caption"  # a null json caption, no txt
+    broken = [r for r in rejects if r["source"] == str(cut)]
+    assert len(broken) == 1 and "tar_key" not in broken[0]
+    assert broken[0]["reason"].startswith(f"the rest of the shard is unreadable: {cut}: offset ")
+    assert "truncated" in broken[0]["reason"]
+    kept = broken[0]["position"]  # the samples before the break
+    assert 1 <= kept < 6
+    samples = read_pack(out)
+    texts = [json.loads(s["json"])["messages"][-1]["content"] for s in samples]
+    assert texts == ["good", "from the json", "good too", *[f"caption {n}" for n in range(kept)],
+                     "after the broken shard"]
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in (0, 10, 11, *range(12, 12 + kept),
+                                                                       12 + kept + 1)]
+    assert json.loads(samples[1]["json"])["meta"]["id"] == 10
+    assert "rejects" in capsys.readouterr().out
+    # --strict stops at the first, naming it
+    assert run_pack([bad], str(tmp_path / "strict"), "--strict") == 1
+    assert f"--strict: bad record in {bad} at position 1" in capsys.readouterr().err
+
+
+def test_webdataset_inputs_that_cannot_be_packed_are_clear_errors(laion, tmp_path, capsys):
+    root, shards = laion
+    out = str(tmp_path / "out")
+    assert run_pack([f"{root}/{{00000..00003}}.tar"], out) == 1  # no 00003.tar
+    assert f"{root}/00003.tar: no such file" in capsys.readouterr().err
+    assert run_pack([shards[0][0]], out, "--format", "caption") == 1  # a tar is not JSON records
+    assert "a tar file (webdataset shards), but --format caption" in capsys.readouterr().err
+    odd = tmp_path / "shard.bin"
+    shutil.copyfile(shards[0][0], odd)
+    assert run_pack([str(tmp_path / "*.bin")], out, "--format", "wds") == 0  # named, any name is a shard
+    assert check_manifest(out)["packing"]["inputs"] == [{"path": str(odd), "format": "webdataset", "records": 10}]
+    assert run_pack([f"{root}/nothing-*.tar"], str(tmp_path / "none")) == 1
+    assert "no shards found" in capsys.readouterr().err
+    # a shard that does not match its manifest's count: the later keys would be wrong, so the pack stops
+    manifest = tmp_path / "m" / "index.json"
+    manifest.parent.mkdir()
+    write_manifest(str(manifest), [ShardInfo(shards[0][0], 9, 1, "0" * 64), ShardInfo(shards[1][0], 10, 1, "0" * 64)])
+    assert run_pack([str(manifest)], str(tmp_path / "m" / "out")) == 1
+    assert f"{shards[0][0]}: 10 samples, but 9 when it was counted" in capsys.readouterr().err

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 from PIL import Image
 
-from vlm_data import chat_tokenizer, easyvqa_conversations, write_easyvqa_shards
+from vlm_data import (chat_tokenizer, easyvqa_conversations, img2dataset_samples, write_easyvqa_shards,
+                      write_img2dataset_shards)
 from vlmstream.cli import main as cli
 from vlmstream.cli.inspect import SheetLayout
 from vlmstream.stages.tiles import num_tiles
@@ -86,6 +89,24 @@ def test_inspect_text_report(vqa, capsys):
     assert f"{N} samples in 3 shards" in out
     assert "tile grids (tile 32, max_side 64): 2x2 12" in out
     assert "turns per sample" in out and "all 3 match the manifest" in out
+
+
+def test_inspect_counts_empty_captions_apart_from_bad_conversations(capsys, tmp_path):
+    """img2dataset-shaped shards: empty and blank captions are counted as such, not as problems; a sample that is
+    neither a conversation nor a caption (an image alone) still is one."""
+    samples = img2dataset_samples(20)
+    write_img2dataset_shards(str(tmp_path), samples)
+    with tarfile.open(tmp_path / "00002.tar", "w") as tf:
+        info = tarfile.TarInfo("alone.jpg")
+        info.size = len(samples[0].jpg)
+        tf.addfile(info, io.BytesIO(samples[0].jpg))
+    empty = sum(not s.caption.strip() for s in samples)
+    code, d = inspect_json(capsys, f"{tmp_path}/{{00000..00002}}.tar")
+    assert code == 0
+    assert d["kinds"] == {"caption": len(samples) - empty, "empty caption": empty, "not a conversation": 1}
+    assert d["empty_captions"] == empty and list(d["sample_problems"]) == ["not a conversation"]
+    code, out = run(capsys, "inspect", f"{tmp_path}/{{00000..00001}}.tar")
+    assert f"empty captions: {empty} " in out and "not a conversation" not in out
 
 
 def test_inspect_detects_sha256_bytes_and_count_mismatches(vqa, capsys, tmp_path):

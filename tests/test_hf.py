@@ -324,6 +324,36 @@ def test_full_read_from_manifest_through_fetch_and_tar(hub_env, repo):
     assert [(r.server, r.auth) for r in hub_env.requests(prefix="/blobs/")] == [("cdn", False)] * N_SHARDS
 
 
+def test_the_packer_reads_webdataset_shards_from_the_hub(hub_env, tmp_path):
+    """img2dataset-shaped shards in a Hub dataset repo, named by an hf:// pattern: packed as from local disk, each
+    sample's meta naming its shard at the commit the listing pinned, the token nowhere in the output."""
+    from conftest import read_pack, run_pack
+    from vlm_data import img2dataset_samples, write_img2dataset_shards
+
+    folder = tmp_path / "laion"
+    folder.mkdir()
+    samples = img2dataset_samples(12)
+    write_img2dataset_shards(str(folder), samples, per_shard=6)
+    hub_env.repos["org/laion"] = {"main": str(folder)}
+    try:
+        out = tmp_path / "out"
+        assert run_pack(["hf://datasets/org/laion/*.tar"], str(out)) == 0
+    finally:
+        del hub_env.repos["org/laion"]
+    packed = read_pack(str(out))
+    good = [(i, s) for i, s in enumerate(samples) if s.caption.strip()]
+    assert [p["__key__"] for p in packed] == [f"{i:09d}" for i, _ in good]
+    commit = commit_of("org/laion", "main")
+    for p, (i, s) in zip(packed, good):
+        doc = json.loads(p["json"])
+        assert doc["messages"][1]["content"] == s.caption.strip() and p["0.jpg"] == s.jpg
+        assert doc["meta"]["source"] == f"hf://datasets/org/laion@{commit}/{i // 6:05d}.tar"
+        assert doc["meta"]["url"] == s.meta["url"]
+    for name in os.listdir(out):
+        with open(out / name, "rb") as f:
+            assert TOKEN.encode() not in f.read()
+
+
 SCRIPT = """
 import hashlib, json, sys
 import huggingface_hub.constants

@@ -15,6 +15,7 @@ from PIL import Image
 
 from conftest import SCHEMA_CASES, Case
 from vlmstream.dataset import records as R
+from vlmstream.dataset.format import ShardInfo, manifest_json, write_manifest
 from vlmstream.errors import FormatError
 
 
@@ -150,6 +151,27 @@ def test_records_before_the_first_known_schema_are_rejects(tmp_path):
     with pytest.raises(FormatError, match="--format"):
         R.open_input(str(path))
     assert R.open_input(str(path), fmt="caption").count == 1  # named, it is read (and rejected record by record)
+
+
+def test_open_inputs_tells_webdataset_shards_from_records(tmp_path, llava_json, llava_jsonl):
+    """Records (a JSON array, JSONL) stay one input; tar names, patterns of them, manifests (as the packer writes
+    them, or on one line) and URLs are webdataset shards, one input each, counted where a manifest says."""
+    for case in (llava_json, llava_jsonl):
+        assert R.open_inputs(case.inputs[0]) == [R.open_input(case.inputs[0])]
+    for name in ("a.tar", "b.tar.gz", "c.TGZ"):
+        (tmp_path / name).write_bytes(b"")
+    shard = lambda path, count=None: R.Input(str(path), "webdataset", None, count)  # noqa: E731
+    assert R.open_inputs(str(tmp_path / "a.tar")) == [shard(tmp_path / "a.tar")]
+    assert R.open_inputs(str(tmp_path / "{a.tar,b.tar.gz,c.TGZ}")) == [
+        shard(tmp_path / n) for n in ("a.tar", "b.tar.gz", "c.TGZ")]
+    write_manifest(str(tmp_path / "index.json"), [ShardInfo("a.tar", 3, 1, "0" * 64)])
+    (tmp_path / "one.json").write_text(json.dumps(manifest_json([ShardInfo("b.tar.gz", 4, 1, "0" * 64)])))
+    assert R.open_inputs(str(tmp_path / "index.json")) == [shard(tmp_path / "a.tar", 3)]
+    assert R.open_inputs(str(tmp_path / "one.json")) == [shard(tmp_path / "b.tar.gz", 4)]
+    assert R.open_inputs("https://h/x-{0..1}.tar") == [shard("https://h/x-0.tar"), shard("https://h/x-1.tar")]
+    with pytest.raises(FormatError, match=r"https://h/x\.bin: not a webdataset shard"):
+        R.open_inputs("https://h/x.bin")
+    assert R.open_inputs("https://h/x.bin", fmt="wds") == [shard("https://h/x.bin")]
 
 
 json_values = st.recursive(

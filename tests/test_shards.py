@@ -11,7 +11,8 @@ from servers import Nginx, fault_server
 from vlmstream.dataset.format import ShardInfo, manifest_json, write_manifest
 from vlmstream.errors import FormatError
 from vlmstream.core.stage import Context
-from vlmstream.stages.shards import _from_manifest, resolve
+from vlmstream.dataset.shardlist import from_manifest
+from vlmstream.stages.shards import resolve
 
 
 @pytest.fixture(scope="module")
@@ -114,42 +115,42 @@ SHA = "a" * 40
 def test_a_remote_manifest_may_not_name_shards_off_its_origin(entry):
     with pytest.raises(FormatError, match=r"index.json: shard entry .* resolves outside the manifest's origin "
                                           r"\(http://127.0.0.1:8000\)") as e:
-        _from_manifest(REMOTE, manifest_bytes("shard-0.tar", entry))
+        from_manifest(REMOTE, manifest_bytes("shard-0.tar", entry))
     assert "SECRET" not in str(e.value) and e.value.reason == "outside_origin"
 
 
 def test_a_remote_manifest_resolves_its_entries_as_urls_on_its_own_origin():
     entries = ["shard-0.tar", "../../127.0.0.1:9000/x.tar", "/abs/path/x.tar", "sub/../y.tar?v=1",
                "http://127.0.0.1:8000/z.tar", "http://127.0.0.1:80/other-port.tar"]
-    urls = [s.url for s in _from_manifest(REMOTE, manifest_bytes(*entries[:5]))]
+    urls = [s.url for s in from_manifest(REMOTE, manifest_bytes(*entries[:5]))]
     assert urls == ["http://127.0.0.1:8000/ds/shard-0.tar", "http://127.0.0.1:8000/127.0.0.1:9000/x.tar",
                     "http://127.0.0.1:8000/abs/path/x.tar", "http://127.0.0.1:8000/ds/y.tar?v=1",
                     "http://127.0.0.1:8000/z.tar"]
     with pytest.raises(FormatError, match="other-port.tar"):
-        _from_manifest(REMOTE, manifest_bytes(entries[-1]))
+        from_manifest(REMOTE, manifest_bytes(entries[-1]))
 
 
 def test_hosts_the_user_allows_by_name():
     data = manifest_bytes("http://127.0.0.1:9000/a.tar", "https://cdn.example.com/b.tar")
     for allowed in (["127.0.0.1:9000", "cdn.example.com"], ["127.0.0.1", "https://cdn.example.com"]):
-        assert [s.url for s in _from_manifest(REMOTE, data, allowed)] == ["http://127.0.0.1:9000/a.tar",
+        assert [s.url for s in from_manifest(REMOTE, data, allowed)] == ["http://127.0.0.1:9000/a.tar",
                                                                           "https://cdn.example.com/b.tar"]
     for allowed in (["127.0.0.1:9001", "cdn.example.com"], ["127.0.0.1", "http://cdn.example.com"], []):
         with pytest.raises(FormatError, match="allowed_hosts"):
-            _from_manifest(REMOTE, data, allowed)
+            from_manifest(REMOTE, data, allowed)
     with pytest.raises(FormatError):  # never a local file, whatever is allowed
-        _from_manifest(REMOTE, manifest_bytes("file:///etc/passwd"), ["127.0.0.1", ""])
+        from_manifest(REMOTE, manifest_bytes("file:///etc/passwd"), ["127.0.0.1", ""])
 
 
 def test_an_hf_manifest_names_files_of_its_own_repo_at_its_commit():
     base = f"hf://datasets/org/ds@{SHA}/sub/index.json"
-    got = [s.url for s in _from_manifest(base, manifest_bytes("a.tar", "../b.tar", "/c.tar"))]
+    got = [s.url for s in from_manifest(base, manifest_bytes("a.tar", "../b.tar", "/c.tar"))]
     assert got == [f"hf://datasets/org/ds@{SHA}/sub/a.tar", f"hf://datasets/org/ds@{SHA}/b.tar",
                    f"hf://datasets/org/ds@{SHA}/c.tar"]
     for entry in ("../../x.tar", "../../../other/ds/x.tar", "hf://datasets/org/other/x.tar", "hf://datasets/org/ds/x.tar",
                   "http://127.0.0.1:8000/x.tar", "file:///etc/passwd"):
         with pytest.raises(FormatError, match="outside the manifest's origin"):
-            _from_manifest(base, manifest_bytes(entry))
+            from_manifest(base, manifest_bytes(entry))
 
 
 def test_a_local_manifest_is_the_users_own_absolute_paths_and_urls_kept(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vlmstream as vs
-from vlm_data import chat_tokenizer, easyvqa_conversations
+from vlm_data import chat_tokenizer, easyvqa_conversations, img2dataset_samples, write_img2dataset_shards
 from vlmstream.errors import FormatError
 from vlmstream.stages.tiles import num_tiles
 from vlmstream.stages.tokenize import IGNORE, labels_from, truncate
@@ -147,3 +147,40 @@ def test_from_pretrained_through_huggingface_hub(tmp_path, monkeypatch):
             importlib.reload(huggingface_hub.constants)
         assert not hub.unknown
     assert tok.encode(MSGS[:3], [(1, 1)]).input_ids == chat_tokenizer(image_token_length=4).encode(MSGS[:3], [(1, 1)]).input_ids
+
+
+def test_img2dataset_captions_stream_and_the_empty_ones_are_counted(tmp_path):
+    """Captions as LAION-style data has them, streamed straight from img2dataset-shaped shards: every non-empty
+    caption arrives as its answer; empty and blank ones (an empty txt) are counted, not raised, under the default
+    on_error="raise" of every stage."""
+    samples = img2dataset_samples(24)
+    shards = write_img2dataset_shards(str(tmp_path), samples)
+    tok = chat_tokenizer(image_token_length=4)
+    pipe = vs.Pipeline(vs.shards(shards, shuffle=False), vs.fetch(), vs.tar_samples(),
+                       vs.decode(vs.ImageTiles(tile=32, max_side=64)), vs.tokenize(tok, 4096))
+    out = list(pipe)
+    good = [s for s in samples if s.caption.strip()]
+    assert 0 < len(good) < len(samples)
+    assert [o["__key__"] for o in out] == [s.key for s in good]
+    for o, s in zip(out, good):
+        ids, labels = o["input_ids"], o["labels"]
+        got = tok.tok.decode([int(ids[t + 1]) for t in range(len(ids) - 1) if labels[t] != IGNORE],
+                             skip_special_tokens=False)
+        assert got == s.caption.strip() + "<|im_end|>"
+    stats = pipe.stats().stage("tokenize").stats  # in the telemetry, beside too_long and no_answer
+    assert stats["empty_caption"] == len(samples) - len(good) and stats["samples"] == len(good)
+    assert stats["skipped"] == {} and stats["no_answer"] == 0
+
+
+def test_a_conversation_without_an_answer_stays_an_error(tok):
+    from vlmstream.stages.tiles import Tiles
+
+    t = Tiles(torch.zeros(1, 3, 4, 4), (1, 1))
+    question_only = sample_of([{"role": "user", "content": "<image>\nwhat shape?"}], [t])
+    empty_answer = sample_of([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": " "}], [t])
+    for s in (question_only, empty_answer):
+        with pytest.raises(FormatError, match="no assistant answer"):
+            list(vs.tokenize(tok)(iter([s])))
+    stage = vs.tokenize(tok, on_error="skip")
+    assert list(stage(iter([question_only, empty_answer]))) == []
+    assert stage.stats.skipped == {"error": 2} and stage.stats.empty_caption == 0

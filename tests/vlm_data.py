@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 
@@ -54,3 +55,61 @@ def write_easyvqa_shards(root: str, n_images: int = 40, maxcount: int = 10) -> s
     path = os.path.join(root, "index.json")
     write_manifest(path, w.close())
     return path
+
+
+@dataclasses.dataclass
+class CaptionSample:
+    """One sample of an img2dataset-shaped shard, as written."""
+
+    key: str
+    caption: str  # the txt member's text, as written (may be empty or blank)
+    jpg: bytes
+    meta: dict  # the json member
+
+
+def img2dataset_samples(n_images: int = 24) -> list[CaptionSample]:
+    """easy-VQA images as JPEG, captioned with their answers; every 5th caption empty and every 7th blank, as
+    img2dataset writes a missing caption (an empty txt), some with the trailing newline of a text file."""
+    import hashlib
+
+    from PIL import Image
+
+    _, answers, ids = easy_vqa.get_train_questions()
+    paths = easy_vqa.get_train_image_paths()
+    words: dict[int, list[str]] = {}
+    for a, i in zip(answers, ids):
+        words.setdefault(i, []).append(a)
+    out = []
+    for n, i in enumerate(sorted(words)[:n_images]):
+        buf = io.BytesIO()
+        with Image.open(paths[i]) as im:
+            im.convert("RGB").save(buf, "JPEG", quality=90)
+        jpg = buf.getvalue()
+        caption = "" if n % 5 == 3 else " \n" if n % 7 == 4 else " ".join(words[i][:3]) + ("\n" if n % 2 else "")
+        key = f"{n // 10:05d}{n % 10:04d}"
+        meta = {"url": f"https://example.com/img/{i}.jpg", "key": key, "status": "success", "error_message": None,
+                "width": 64, "height": 64, "original_width": 64, "original_height": 64, "exif": "{}",
+                "sha256": hashlib.sha256(jpg).hexdigest(), "caption": caption}
+        out.append(CaptionSample(key, caption, jpg, meta))
+    return out
+
+
+def write_img2dataset_shards(root: str, samples: list[CaptionSample], per_shard: int = 10) -> list[str]:
+    """img2dataset's output layout, written with Python's tarfile (no parquet, no stats files): NNNNN.tar holding
+    KEY.jpg, KEY.json, KEY.txt per sample, in the sorted member order webdataset's TarWriter gives. Returns the
+    shards' paths."""
+    import json
+    import os
+    import tarfile
+
+    paths = []
+    for start in range(0, len(samples), per_shard):
+        path = os.path.join(root, f"{start // per_shard:05d}.tar")
+        with tarfile.open(path, "w") as tf:
+            for s in samples[start:start + per_shard]:
+                for ext, data in (("jpg", s.jpg), ("json", json.dumps(s.meta).encode()), ("txt", s.caption.encode())):
+                    info = tarfile.TarInfo(f"{s.key}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Sequence
 
-from ..dataset.format import IMAGE_PLACEHOLDER, conversation_from_sample, is_image_ext
+from ..dataset.format import EMPTY_CAPTION, IMAGE_PLACEHOLDER, conversation_from_sample, is_image_ext
 from ..errors import FormatError
 from ..stages.tiles import grid_of, num_tiles, tiled_size
 
@@ -96,7 +96,7 @@ class Shape:
     max_side: int = 2048
     samples: int = 0
     extensions: Counter = field(default_factory=Counter)
-    kinds: Counter = field(default_factory=Counter)  # conversation / caption / unreadable
+    kinds: Counter = field(default_factory=Counter)  # conversation / caption / empty caption / not a conversation
     image_formats: Counter = field(default_factory=Counter)
     image_modes: Counter = field(default_factory=Counter)
     image_sizes: Counter = field(default_factory=Counter)
@@ -141,6 +141,9 @@ class Shape:
         try:
             conv = conversation_from_sample(sample)
         except FormatError as e:
+            if e.reason == EMPTY_CAPTION:  # skipped and counted by vs.tokenize, not a bad conversation
+                self.kinds["empty caption"] += 1
+                return
             self.kinds["not a conversation"] += 1
             self.problem("not a conversation", f"{where}: {str(e).split(': ', 1)[-1][:120]}")
             return
@@ -206,6 +209,7 @@ class Inspection:
             "spec": self.spec, "shards": len(self.shards), "samples": sh.samples,
             "bytes": sum(s.bytes for s in self.shards),
             "extensions": dict(sh.extensions.most_common()), "kinds": dict(sh.kinds),
+            "empty_captions": sh.kinds["empty caption"],
             "image_formats": dict(sh.image_formats.most_common()), "image_modes": dict(sh.image_modes.most_common()),
             "image_sizes": dict(sh.image_sizes.most_common(10)), "distinct_image_sizes": len(sh.image_sizes),
             "tile_grids": {"tile": sh.tile, "max_side": sh.max_side, **dict(sh.grids.most_common())},
@@ -224,6 +228,9 @@ class Inspection:
         lines.append("members: " + _counts(d["extensions"]))
         if d["kinds"]:
             lines.append("samples: " + _counts(d["kinds"]))
+        if d["empty_captions"]:
+            lines.append(f"empty captions: {d['empty_captions']:,} (vs.tokenize skips and counts them; "
+                         "vlmstream pack rejects them)")
         if d["image_formats"]:
             lines.append("images: " + _counts(d["image_formats"]) + "; modes " + _counts(d["image_modes"]))
             lines.append(f"image sizes ({d['distinct_image_sizes']:,} distinct): " + _counts(d["image_sizes"]))

@@ -12,13 +12,16 @@ import sys
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Sequence
 
-from ..dataset.records import FORMATS, MAX_IMAGE_BYTES
+from ..dataset.records import FORMAT_ALIASES, FORMATS, MAX_IMAGE_BYTES
 
 def parse_args(argv: list[str], prog: str = "vlmstream pack") -> argparse.Namespace:
     from ..dataset import build
 
     ap = argparse.ArgumentParser(prog=prog, description=build.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("inputs", nargs="+", metavar="INPUT", help="JSON/JSONL/Parquet files or image folders")
+    ap.add_argument("inputs", nargs="+", metavar="INPUT",
+                    help="JSON/JSONL/Parquet files, image folders, or webdataset shards: .tar/.tar.gz/.tgz files, "
+                         "brace patterns and globs of them, or a manifest (index.json), local or at a URL "
+                         "(http(s)://, hf://, s3:// ...)")
     ap.add_argument("--output", "-o", required=True, metavar="DIR",
                     help="an empty (or new) folder, local, in an object store (s3://BUCKET/PREFIX, gs://, az://) or "
                          "in a Hub dataset repo (hf://datasets/ORG/NAME/PATH); with --job-index, the folder all "
@@ -27,7 +30,8 @@ def parse_args(argv: list[str], prog: str = "vlmstream pack") -> argparse.Namesp
                     help="a setting of the object store beside the environment's, as obstore names it (repeat it)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace the pack DIR holds (a job: its own part of one); without it, the tool refuses")
-    ap.add_argument("--format", choices=FORMATS, help="input schema (default: detected per input)")
+    ap.add_argument("--format", choices=(*FORMATS, *FORMAT_ALIASES),
+                    help="input schema (default: detected per input; wds is webdataset)")
     ap.add_argument("--image-root", metavar="DIR",
                     help="base of relative image paths, and the folder images must lie in (default: the input's "
                          "folder)")
@@ -61,6 +65,7 @@ def parse_args(argv: list[str], prog: str = "vlmstream pack") -> argparse.Namesp
     if not 1 <= args.jpeg_quality <= 100:
         ap.error("--jpeg-quality must lie in 1..100")
     args.maxsize, args.max_image_bytes = int(args.maxsize), int(args.max_image_bytes)
+    args.format = FORMAT_ALIASES.get(args.format, args.format)
     args.storage_options = storage_options(ap, args.storage_option)
     return args
 
@@ -106,8 +111,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "vlmstream pack") -> int
             merge_main(argv[1:], prog)
         else:
             doc = pack(parse_args(argv, prog))
+            empty = doc["packing"]["empty_captions"]
             print(f"{prog}: {doc['samples']} samples, {doc['num_shards']} shards, {doc['bytes']} bytes, "
-                  f"{doc['rejects']} rejects, {doc['seconds']:.1f} s "
+                  f"{doc['rejects']} rejects{f' ({empty} empty captions)' if empty else ''}, {doc['seconds']:.1f} s "
                   f"({doc['samples'] / max(doc['seconds'], 1e-9):.0f} samples/s) -> {doc['path']}")
     except (PackError, FormatError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""The packer: image-text records (LLaVA, ShareGPT, FineVision, captions, image folders, Parquet) into WebDataset
-shards, behind `vlmstream pack` and tools/pack_shards.py (the same code, the same bytes).
+"""The packer: image-text records (LLaVA, ShareGPT, FineVision, captions, image folders, Parquet, webdataset shards
+such as img2dataset's) into WebDataset shards, behind `vlmstream pack` and tools/pack_shards.py (the same code,
+the same bytes).
 
     vlmstream pack INPUT [INPUT ...] --output DIR [options]
     vlmstream pack merge DIR/index.j*.json --output DIR/index.json
@@ -18,6 +19,14 @@ Image paths are relative to --image-root (default: the input's folder) and are r
 symlinks included, inside it (--allow-outside-root lifts this) and name a regular file of at most
 --max-image-bytes; a record naming any other path (a device, a FIFO, a folder) is a reject. An image
 folder's .txt captions are read under the same rules.
+
+Webdataset shards (.tar, .tar.gz, .tgz; a brace pattern or glob of them; a manifest; local, http(s)://, hf://
+or in a bucket) are read as vs.tar_samples reads them: each shard is an input, each sample a record. A caption
+sample gives its image members (by extension), its caption (.txt, else the json's "caption") and its json
+fields (img2dataset's url, key, width, height, status, exif, ...) as meta; a sample holding a conversation json
+("messages") is taken as it is; other members (.cls, .npy, ...) are left out. An empty or blank caption is the
+reject "empty_caption". --shuffle and --num-jobs need every shard's sample count first: a manifest gives them,
+else each shard is read once more to count them; a plain pack reads each shard once.
 
 Record i (numbered over all inputs in the order given) has output position pos(i): i itself, or with
 --shuffle a seeded permutation of the records. Job J of N packs the positions p with p * N // total == J, so N
@@ -40,16 +49,18 @@ import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
+from dataclasses import replace
 from functools import partial
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..errors import redact
 from ..progress import bar
-from .format import rejects_name
+from .format import EMPTY_CAPTION, rejects_name
 from .output import Folder, PackError, check_output, open_folder, publish, start_staging
-from .records import Input, Record, convert_batch, open_input, read_records
+from .records import Input, Record, convert_batch, count_records, open_inputs, read_records
 from .writer import ShardWriter
 
 BATCH = 32  # records per round trip to a worker process
@@ -226,20 +237,30 @@ class Buckets:
         return os.path.join(self.folder, f"bucket-{bucket:08d}.bin")
 
 def job_records(
-    inputs: list[Input], share: range, seed: int | None, allow_outside_root: bool = False
+    inputs: list[Input], share: range | None, seed: int | None, allow_outside_root: bool = False,
+    counts: list[int] | None = None,
 ) -> Iterator[Record]:
-    """The records whose output position lies in ``share``, in input order, each with its global index."""
-    total = sum(inp.count for inp in inputs)
-    pos = Positions(total, seed)
+    """The records whose output position lies in ``share`` (None: every record), in input order, each with its
+    global index. ``counts`` gets each input's record count as it is passed: an input not counted beforehand (a
+    webdataset shard, where neither --shuffle nor jobs need the counts first) is counted as it is read, once.
+    """
+    if share is None and seed is not None:
+        raise ValueError("a shuffle needs every input's count first")
+    pos = Positions(sum(inp.count for inp in inputs) if seed is not None else 0, seed)
+    counts = [] if counts is None else counts
     offset = 0
     for inp in inputs:
-        if seed is not None or (offset < share.stop and offset + inp.count > share.start):  # else: none of ours
-            for rec in read_records(inp, lambda p, offset=offset: pos(offset + p) in share, allow_outside_root):
+        ours = share is None or seed is not None or inp.count is None or (
+            offset < share.stop and offset + inp.count > share.start)
+        n = inp.count or 0
+        if ours:
+            want = None if share is None else (lambda p, offset=offset: pos(offset + p) in share)
+            for rec in read_records(inp, want, allow_outside_root):
                 rec.index = offset + rec.position
+                n = max(n, rec.position + 1)
                 yield rec
-        offset += inp.count
-
-
+        counts.append(n)
+        offset += n
 
 
 def pack(args: argparse.Namespace) -> dict[str, Any]:
@@ -258,22 +279,27 @@ def pack(args: argparse.Namespace) -> dict[str, Any]:
 
 def _pack(args: argparse.Namespace, out: Folder, pool: ProcessPoolExecutor | None, t0: float) -> dict[str, Any]:
     job = args.job_index  # None: a single-job pack, named without a job part
-    inputs = [open_input(p, args.format, args.image_root) for p in args.inputs]
-    total = sum(inp.count for inp in inputs)
-    share = job_positions(job or 0, args.num_jobs or 1, total)
+    inputs = [inp for p in args.inputs for inp in open_inputs(p, args.format, args.image_root)]
     seed = args.seed if args.shuffle else None
-    pos = Positions(total, seed)
+    if seed is not None or job is not None:  # positions and shares need every count: shards not counted are read
+        with bar(inputs, desc="count", unit="inputs") as counting:
+            inputs = [inp if inp.count is not None else replace(inp, count=count_records(inp)) for inp in counting]
+    known = all(inp.count is not None for inp in inputs)
+    total = sum(inp.count for inp in inputs) if known else None  # None: shards counted as they are packed
+    share = job_positions(job or 0, args.num_jobs or 1, total) if known else None
+    pos = Positions(total or 0, seed)
     convert = partial(convert_batch, max_side=args.max_side, jpeg_quality=args.jpeg_quality,
                       max_image_bytes=args.max_image_bytes, allow_outside_root=args.allow_outside_root)
     staging = start_staging(out, job)
     try:  # whatever happens (an error, Ctrl-C), the staging area goes; a finished pack has left it first
-        rejects = 0
+        rejects = empty_captions = 0
+        counts: list[int] = []  # each input's records, known once it is read
         with open(os.path.join(staging.path, rejects_name(job)), "w", encoding="utf-8") as rej, \
                 ShardWriter(staging.path, args.prefix, args.maxcount, args.maxsize, job,
                             on_shard=staging.shard_done) as writer, \
-                closing(ordered_map(convert, job_records(inputs, share, seed, args.allow_outside_root), pool,
-                                    args.workers)) as results, \
-                bar(total=len(share), desc="pack", unit="samples") as pb:
+                closing(ordered_map(convert, job_records(inputs, share, seed, args.allow_outside_root, counts),
+                                    pool, args.workers)) as results, \
+                bar(total=len(share) if share is not None else None, desc="pack", unit="samples") as pb:
             buckets = None
             if args.shuffle:
                 os.mkdir(os.path.join(staging.path, "buckets"))
@@ -282,6 +308,7 @@ def _pack(args: argparse.Namespace, out: Folder, pool: ProcessPoolExecutor | Non
                 pb.update(1)
                 if reject is not None:
                     rejects += 1
+                    empty_captions += reject["reason"] == EMPTY_CAPTION
                     rej.write(json.dumps(reject) + "\n")
                     if args.strict:
                         raise PackError(f"--strict: bad record in {_where(reject)}: {reject['reason']}")
@@ -292,13 +319,15 @@ def _pack(args: argparse.Namespace, out: Folder, pool: ProcessPoolExecutor | Non
             for data in buckets.sorted_samples(len(share)) if buckets else ():
                 writer.write_encoded(data)
         packing: dict[str, Any] = {
-            "inputs": [{"path": i.path, "format": i.format, "records": i.count} for i in inputs],
-            "records": total,
+            "inputs": [{"path": redact(i.path), "format": i.format, "records": n} for i, n in zip(inputs, counts)],
+            "records": sum(counts),
             "rejects": rejects,
+            "empty_captions": empty_captions,  # of the rejects
             "shuffle_seed": seed,
             "max_side": args.max_side,
         }
         if job is not None:
+            assert share is not None
             packing.update(job=job, num_jobs=args.num_jobs, positions=[share.start, share.stop])
         manifest, doc = publish(out, staging, job, args.prefix, writer.shards, packing)
     finally:

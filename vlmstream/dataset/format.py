@@ -15,7 +15,9 @@ What the packer (``tools/pack_shards.py``) writes, exactly:
   input), ``line`` (1-based line number, JSONL inputs only), then the record's own fields that are not part
   of the conversation (``id``, dataset ``source``, ...). A record field whose name collides with one of
   ``META_PROVENANCE`` is stored as ``record_<name>``.
-  An image folder's samples carry ``file``, the image's path relative to the folder.
+  An image folder's samples carry ``file``, the image's path relative to the folder; a webdataset shard's
+  carry ``tar_key``, the sample's key in the shard (``source`` is the shard's redacted URL, ``position`` the
+  sample's rank in it).
 - images: the input bytes unchanged, unless ``--max-side N`` and the long side exceeds N: then the image is
   turned by its EXIF orientation, downscaled to a long side of N and re-encoded, as PNG (RGBA) if it has
   alpha, else as JPEG (L or RGB, ``--jpeg-quality``).
@@ -25,10 +27,12 @@ What the packer (``tools/pack_shards.py``) writes, exactly:
   the archive ends with two zero blocks, padded to a multiple of 10240 bytes like tarfile and GNU tar.
 - shard names: ``shard_name(prefix, n, job, pack_id(shards))``, e.g. ``shard-3fa9c2e1-000000.tar``.
 - ``rejects.jsonl`` (``rejects_name``): one JSON object per record not packed, in input order:
-  ``{"source", "position", "line" (JSONL only), "index", "reason"}``.
+  ``{"source", "position", "line" (JSONL only), "tar_key" (webdataset shards only), "index", "reason"}``; an
+  empty or blank caption's reason is ``EMPTY_CAPTION``.
 - the manifest's informative ``packing`` key: ``inputs`` (``path``, detected ``format``, ``records``),
-  ``records`` (all inputs), ``rejects``, ``shuffle_seed``, ``max_side``; a job's manifest adds ``job``,
-  ``num_jobs`` and ``positions`` (the ``[start, stop)`` of output positions it packed).
+  ``records`` (all inputs), ``rejects``, ``empty_captions`` (of the rejects), ``shuffle_seed``, ``max_side``; a
+  job's manifest adds ``job``, ``num_jobs`` and ``positions`` (the ``[start, stop)`` of output positions it
+  packed).
 """
 
 from __future__ import annotations
@@ -57,8 +61,12 @@ PIL_FORMAT_EXT = {
 }
 
 
+# The reason of a caption sample whose caption is empty or blank (img2dataset writes an empty .txt for a missing
+# caption): nothing to learn from, but not broken data either, so tokenize and inspect count it apart from errors
+# and the packer rejects it under this name.
+EMPTY_CAPTION = "empty_caption"
 # Keys the packer puts in ``meta`` to say where a sample came from; a record's own fields never override them.
-META_PROVENANCE = ("source", "position", "line")
+META_PROVENANCE = ("source", "position", "line", "tar_key")
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # archives are padded to whole records of 20 blocks, as tarfile and GNU tar do
 
@@ -135,7 +143,9 @@ def conversation_from_sample(sample: Mapping[str, Any]) -> Conversation:
     """Read a streamed sample's conversation: our ``json`` schema, or an img2dataset caption sample.
 
     A caption sample (one image member, a ``txt`` caption) becomes a user turn holding only the image and an
-    assistant turn holding the caption; its optional ``json`` metadata lands in ``meta``.
+    assistant turn holding the caption; its optional ``json`` metadata lands in ``meta``. A caption sample whose
+    caption is empty or blank raises FormatError with reason ``EMPTY_CAPTION``: callers that stream LAION-style
+    data (``vs.tokenize``, ``vlmstream inspect``) count it instead of treating it as an error.
     """
     where = f"{redact(str(sample.get('__url__', '?')))}: sample {sample.get('__key__', '?')!r}"
     raw = sample.get("json")
@@ -161,6 +171,8 @@ def conversation_from_sample(sample: Mapping[str, Any]) -> Conversation:
             caption = _text(sample["txt"])
         except UnicodeDecodeError as e:
             raise FormatError(f"{where}: txt is not UTF-8: {e}", reason="invalid_utf8") from None
+        if not caption.strip():
+            raise FormatError(f"{where}: empty caption", reason=EMPTY_CAPTION)
         conv = Conversation(
             [{"role": "user", "content": IMAGE_PLACEHOLDER}, {"role": "assistant", "content": caption.strip()}],
             images,

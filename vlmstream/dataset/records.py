@@ -2,9 +2,10 @@
 
 Two steps, split so that the cheap one runs once in the main process and the costly one in worker processes:
 
-1. ``read_records(inp)`` walks an input (JSON array, JSONL, image folder, Parquet) and yields one ``Record`` per
-   input record, in input order: the turns as a ``Conversation`` (images still unnamed) and the image sources
-   (file paths, or bytes embedded in Parquet), or the reason the record is bad. Nothing is skipped silently.
+1. ``read_records(inp)`` walks an input (JSON array, JSONL, image folder, Parquet, a webdataset shard) and yields
+   one ``Record`` per input record, in input order: the turns as a ``Conversation`` (images still unnamed) and
+   the image sources (file paths, or bytes embedded in Parquet or a shard), or the reason the record is bad.
+   Nothing is skipped silently.
 2. ``convert(record)`` reads and checks the images, names them after their real format and returns the
    sample's tar members, or a reject saying why not.
 
@@ -24,21 +25,31 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
-from ..errors import FormatError
+import braceexpand
+
+from ..errors import FormatError, TarError, redact
+from ..io.tar import BadSample, group_samples, iter_members
+from ..io.urls import open_url
 from .format import (
+    EMPTY_CAPTION,
+    FORMAT_NAME,
     IMAGE_EXTS,
     IMAGE_PLACEHOLDER,
     META_PROVENANCE,
     Conversation,
     image_member,
+    is_image_ext,
     sample_key,
     sample_members,
     validate_conversation,
 )
+from .shardlist import resolve
 from .writer import sample_bytes
 
 SCHEMAS = ("llava", "sharegpt", "finevision", "caption")  # record schemas of JSON / JSONL inputs
-FORMATS = (*SCHEMAS, "folder", "parquet")  # what --format can name
+FORMATS = (*SCHEMAS, "folder", "parquet", "webdataset")  # what --format can name
+FORMAT_ALIASES = {"wds": "webdataset"}
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # names of webdataset shards, told by their extension
 PARQUET_BATCH_ROWS = 64  # rows per Parquet read: bounds memory when rows embed large images
 MAX_IMAGE_BYTES = 256 << 20  # bytes of one image at most, by default: far above any photo, far below memory
 MAX_CAPTION_BYTES = 16 << 20  # bytes of an image folder's caption file at most: far above any caption
@@ -70,24 +81,27 @@ class Record:
     error: str | None = None  # why the record cannot be packed, found while reading it
     index: int = 0  # global index over all inputs (the sample key), set by the caller
     image_root: str | None = None  # the folder its image paths were resolved against, and must stay in
+    tar_key: str | None = None  # a webdataset shard's sample: its key there
 
     def reject(self, reason: str) -> dict[str, Any]:
         """The line ``rejects.jsonl`` gets for this record."""
         out: dict[str, Any] = {"source": self.source, "position": self.position}
         if self.line is not None:
             out["line"] = self.line
+        if self.tar_key is not None:
+            out["tar_key"] = self.tar_key
         out.update(index=self.index, reason=reason)
         return out
 
 
 @dataclass(frozen=True)
 class Input:
-    """An input file or folder, its detected format and its record count."""
+    """An input file or folder, or one webdataset shard, its detected format and its record count."""
 
-    path: str
+    path: str  # a webdataset shard's URL as it is read (``redact`` it to show it)
     format: str  # one of FORMATS
-    image_root: str  # relative image paths are resolved against this folder
-    count: int
+    image_root: str | None  # relative image paths are resolved against this folder; None for shards
+    count: int | None  # None: a shard not counted yet (counted by reading it: ``count_records``)
 
 
 # ---------------------------------------------------------------------------------------- record -> turns
@@ -131,6 +145,8 @@ def parse_record(rec: Any, schema: str) -> tuple[list[dict[str, str]], list[Any]
         caption = rec.get("caption")
         if not isinstance(caption, str):
             raise FormatError("caption must be a string")
+        if not caption.strip():  # a reject named apart: LAION-style data has many, and they are not broken records
+            raise FormatError(EMPTY_CAPTION, reason=EMPTY_CAPTION)
         messages = [{"role": "user", "content": IMAGE_PLACEHOLDER}, {"role": "assistant", "content": caption.strip()}]
         return messages, _image_list(rec.get("image")), {"image", "caption"}
 
@@ -222,11 +238,64 @@ def plain_json(v: Any) -> Any:
 # ------------------------------------------------------------------------------------------ input files
 
 
+def open_inputs(spec: str, fmt: str | None = None, image_root: str | None = None) -> list[Input]:
+    """The inputs one INPUT names: itself (``open_input``), or webdataset shards, one Input per shard in the
+    order listed, where ``fmt`` is "webdataset" (or "wds") or, with no ``fmt``, where ``spec`` is a URL, a
+    manifest (``index.json``) or names tar files (``.tar``, ``.tar.gz``, ``.tgz``; brace patterns and globs too).
+    A shard's count comes from its manifest, or is left to ``count_records``: reading a shard costs a pass."""
+    fmt = FORMAT_ALIASES.get(fmt, fmt) if fmt else fmt
+    if fmt != "webdataset" and not (fmt is None and _is_webdataset_spec(spec)):
+        return [open_input(spec, fmt, image_root)]
+    shards = resolve(spec)  # brace patterns, globs, manifests, hf://, buckets: as vs.shards reads them
+    if not shards:
+        raise FormatError(f"{redact(spec)}: no shards found")
+    for s in shards:
+        if fmt is None and not s.url.lower().endswith(TAR_SUFFIXES):
+            raise FormatError(f"{redact(s.url)}: not a webdataset shard ({', '.join(TAR_SUFFIXES)}); "
+                              "--format webdataset reads it as one")
+        if "://" not in s.url and not os.path.isfile(s.url):
+            raise FormatError(f"{s.url}: no such file")
+    return [Input(s.url, "webdataset", None, s.samples) for s in shards]
+
+
+def _is_webdataset_spec(spec: str) -> bool:
+    """A URL (the packer reads only shards and manifests remotely), tar names (every name of a brace pattern),
+    or a local vlmstream manifest."""
+    if "://" in spec or all(name.lower().endswith(TAR_SUFFIXES) for name in braceexpand.braceexpand(spec)):
+        return True
+    return spec.endswith(".json") and os.path.isfile(spec) and _is_manifest(spec)
+
+
+def _is_manifest(path: str) -> bool:
+    """Whether a JSON file is a vlmstream manifest rather than records: told from its first line where that is a
+    whole JSON value (JSONL, or a manifest on one line), else from the whole file (an indented manifest; a JSON
+    array of records is told from its first character)."""
+    if _is_json_array(path):
+        return False
+    with open(path, "rb") as f:
+        first = f.readline()
+        try:
+            doc = json.loads(first)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            f.seek(0)
+            try:
+                doc = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                return False
+    return isinstance(doc, dict) and doc.get("format") == FORMAT_NAME
+
+
 def open_input(path: str, fmt: str | None = None, image_root: str | None = None) -> Input:
     """Detect an input's format (``fmt`` if given; else folder, ``.parquet``, then the keys of the first JSON
     record) and count its records, so that global indices and job shares are known before packing."""
+    fmt = FORMAT_ALIASES.get(fmt, fmt) if fmt else fmt
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}, expected one of {FORMATS}")
+    if fmt == "webdataset":
+        return Input(path, "webdataset", None, None)
+    if path.lower().endswith(TAR_SUFFIXES) and fmt is not None:
+        raise FormatError(f"{path}: a tar file (webdataset shards), but --format {fmt} names another format; "
+                          "leave --format out or name --format webdataset")
     if os.path.isdir(path):
         if fmt not in (None, "folder"):
             raise FormatError(f"{path}: a folder, but --format {fmt} names a file format")
@@ -261,6 +330,8 @@ def read_records(
     want = want or (lambda _: True)
     if inp.format == "folder":
         yield from _read_folder(inp, want, allow_outside_root)
+    elif inp.format == "webdataset":
+        yield from _read_webdataset(inp, want)
     elif inp.format == "parquet":
         yield from _read_parquet(inp, want)
     else:
@@ -449,6 +520,128 @@ def _read_parquet(inp: Input, want: Callable[[int], bool]) -> Iterator[Record]:
             for i, row in zip(wanted, batch.take(wanted).to_pylist()):
                 yield make_record(row, "finevision", inp.path, start + i, inp.image_root)
         start += batch.num_rows
+
+
+# ------------------------------------------------------------------------------------ webdataset shards
+
+
+def _shard_samples(url: str) -> Iterator[dict[str, Any] | BadSample | _Bad]:
+    """A shard's samples, grouped by webdataset's rules (io/tar.py), bad ones included as ``BadSample``; where
+    the shard breaks (a bad header, a truncated member or gzip stream), one ``_Bad`` stands for the rest of it.
+    A shard that cannot be fetched (missing, HTTP errors after the retries) raises: the pack stops."""
+    shown = redact(url)
+    with open_url(url) as f:
+        try:
+            yield from group_samples(iter_members(f, shown), shown, bad="yield")
+        except TarError as e:
+            yield _Bad(f"the rest of the shard is unreadable: {e}")
+
+
+def count_records(inp: Input) -> int:
+    """The records of a shard not counted yet (``Input.count`` None): its samples, by reading it."""
+    if inp.count is not None:
+        return inp.count
+    with closing(_shard_samples(inp.path)) as samples:
+        return sum(1 for _ in samples)
+
+
+def _read_webdataset(inp: Input, want: Callable[[int], bool]) -> Iterator[Record]:
+    """One Record per sample of the shard (``webdataset_record``), its position the sample's rank in the shard;
+    a shard that holds another number of samples than it was counted with is an error, since the global
+    indices of every later input were computed from that count."""
+    source = redact(inp.path)
+    read = 0
+    with closing(_shard_samples(inp.path)) as samples:
+        for position, sample in enumerate(samples):
+            read = position + 1
+            if not want(position):
+                continue
+            if isinstance(sample, _Bad):
+                yield Record(source, position, error=sample.reason)
+            elif isinstance(sample, BadSample):
+                yield Record(source, position, error=str(sample.error), tar_key=sample.key)
+            else:
+                yield webdataset_record(sample, source, position)
+    if inp.count is not None and read != inp.count:
+        raise FormatError(f"{source}: {read} samples, but {inp.count} when it was counted (by its manifest or a "
+                          "first reading): the shard changed, or does not match its manifest")
+
+
+def webdataset_record(sample: Mapping[str, Any], source: str, position: int) -> Record:
+    """A Record from one webdataset sample: our conversation JSON (a ``json`` member with ``messages`` and the
+    image members it names) as it is, else a caption sample: every image member in tar order (by extension,
+    ``is_image_ext``), the caption from ``txt`` or else from the ``json`` member's ``caption``, the ``json``'s
+    other fields (img2dataset's url, key, width, height, status, exif, ...) into ``meta``. Other members
+    (``.cls``, ``.npy``, ...) are not carried over."""
+    key = str(sample["__key__"])
+    rec = Record(source, position, tar_key=key)
+    members = {k: v for k, v in sample.items() if not k.startswith("__")}
+    try:
+        doc = _json_member(members.get("json"))
+        if doc is not None and "messages" in doc:
+            messages = doc["messages"]
+            if not isinstance(messages, list):
+                raise FormatError(f"json messages must be a list, got {type(messages).__name__}")
+            images = doc.get("images", [])
+            if not isinstance(images, list) or not all(isinstance(e, str) for e in images):
+                raise FormatError("json images must be a list of member names")
+            missing = [e for e in images if e not in members]
+            if missing:
+                raise FormatError(f"image members {missing} referenced but not in the sample")
+            old_meta = doc.get("meta")
+            fields = {**(old_meta if isinstance(old_meta, dict) else {}),
+                      **{k: v for k, v in doc.items() if k not in ("messages", "images", "meta")}}
+            rec.images = [members[e] for e in images]
+        else:
+            images = [k for k in members if is_image_ext(k)]
+            if not images:
+                raise FormatError(f"no image member (members: {sorted(members)})")
+            caption, fields = _caption(members, doc or {})
+            messages = [{"role": "user", "content": IMAGE_PLACEHOLDER * len(images)},
+                        {"role": "assistant", "content": caption.strip()}]
+            rec.images = [members[e] for e in images]
+        meta: dict[str, Any] = {"source": source, "position": position, "tar_key": key}
+        for k, v in fields.items():
+            meta[f"record_{k}" if k in META_PROVENANCE else str(k)] = plain_json(v)
+        rec.conversation = Conversation(messages, [], meta)
+    except FormatError as e:
+        rec.error, rec.images = str(e), []
+    return rec
+
+
+def _json_member(raw: bytes | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except UnicodeDecodeError as e:
+        raise FormatError(f"json member is not UTF-8: {e}") from None
+    except json.JSONDecodeError as e:
+        raise FormatError(f"invalid json member: {e}") from None
+    if not isinstance(doc, dict):
+        raise FormatError(f"json member is a JSON {type(doc).__name__}, not an object")
+    return doc
+
+
+def _caption(members: Mapping[str, bytes], doc: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(caption, the json fields left for meta): the ``txt`` member, else the json's ``caption``. An empty or
+    blank one (img2dataset's empty txt, a null caption) is the reject ``EMPTY_CAPTION``. The json's caption
+    stays in meta only where it differs from the caption taken (img2dataset writes the same text to both)."""
+    if "txt" in members:
+        try:
+            caption = members["txt"].decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise FormatError(f"txt member is not UTF-8: {e}") from None
+    elif "caption" in doc:
+        caption = doc["caption"] if doc["caption"] is not None else ""
+        if not isinstance(caption, str):
+            raise FormatError(f"json caption is a JSON {type(caption).__name__}, not a string")
+    else:
+        raise FormatError(f"no caption: neither a txt member nor a json caption (members: {sorted(members)})")
+    if not caption.strip():
+        raise FormatError(EMPTY_CAPTION, reason=EMPTY_CAPTION)
+    same = isinstance(doc.get("caption"), str) and doc["caption"].strip() == caption.strip()
+    return caption, {k: v for k, v in doc.items() if not (k == "caption" and same)}
 
 
 # ----------------------------------------------------------------------------------- record -> sample

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from tokenizers import AddedToken, Tokenizer
 
-from ..dataset.format import IMAGE_PLACEHOLDER, conversation_from_sample
+from ..dataset.format import EMPTY_CAPTION, IMAGE_PLACEHOLDER, conversation_from_sample
 from ..errors import ErrorCounts, FormatError, check_policy, handle, redact
 from .tiles import Tiles, num_tiles
 
@@ -231,6 +231,7 @@ class TokenizeStats(ErrorCounts):
     truncated: int = 0
     no_answer: int = 0  # dropped: no answer token left (or none to begin with)
     too_many_images: int = 0  # dropped: more images than max_images
+    empty_caption: int = 0  # dropped: a caption sample with an empty caption (LAION-style data has them)
 
 
 class tokenize:
@@ -238,9 +239,10 @@ class tokenize:
 
     Out: ``input_ids``, ``labels`` (int64 [L]), ``images`` (list of [n_tiles, 3, H, W]), ``__key__`` etc., and
     ``__pad_id__`` for the batch stage. A sample longer than ``max_len`` is dropped (``overflow="drop"``) or
-    cut (``"truncate"``, never through an image); a sample left with no answer token, or with more images than
-    ``max_images``, is dropped; all are counted in ``stats``. ``on_error``: a sample that breaks the format (invalid JSON, placeholders that do not
-    match its images, a reserved token in its text, an image member missing) raises `FormatError` naming
+    cut (``"truncate"``, never through an image); a sample left with no answer token, with more images than
+    ``max_images``, or a caption sample with an empty caption, is dropped; all are counted in ``stats``.
+    ``on_error``: a sample that breaks the format (invalid JSON, placeholders that do not match its images, a
+    reserved token in its text, an image member missing) raises `FormatError` naming
     shard, key and reason ("raise"), or is skipped and counted in ``stats.skipped`` by reason ("skip";
     "warn" also logs it).
     """
@@ -255,7 +257,13 @@ class tokenize:
         self.stats = TokenizeStats()
 
     def encode_sample(self, sample: Mapping[str, Any]) -> dict[str, Any] | None:
-        conv = conversation_from_sample(sample)
+        try:
+            conv = conversation_from_sample(sample)
+        except FormatError as e:
+            if e.reason != EMPTY_CAPTION:
+                raise
+            self.stats.empty_caption += 1  # nothing to learn, but not an error: counted whatever on_error says
+            return None
         if self.max_images is not None and len(conv.images) > self.max_images:
             self.stats.too_many_images += 1
             return None
