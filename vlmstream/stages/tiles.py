@@ -97,6 +97,10 @@ class ImageTiles:
     def size_for(self, width: int, height: int) -> tuple[int, int]:
         return tiled_size(width, height, self.tile, self.max_side, self.to_max_side, self.rounding)
 
+    def grid_for(self, width: int, height: int) -> tuple[int, int]:
+        """The grid an image of this size becomes: what `vs.decode` reads from the header to tile lazily."""
+        return grid_of(*self.size_for(width, height), self.tile)
+
     def draft_size(self, width: int, height: int) -> tuple[int, int] | None:
         """JPEGs may decode at reduced scale as long as they still cover the resized size."""
         return self.size_for(width, height) if self.draft else None
