@@ -36,3 +36,14 @@ def test_the_224_tables_show_skipped_contenders_and_the_targets():
     assert "| vlmstream, local tar shards: the same pipeline on index.json | 1,200 | 1,100 | 1.50 | 0.20 | 700 | - |" in text
     assert "target (b)" in text and "**1.20x** best/best" in text and ": met" in text
     assert "| Parquet: pyarrow `write_table` (what HF datasets reads) | 2.0 | 1.9 | 456 |" in text
+
+
+def test_a_section_names_the_command_line_and_the_load_of_its_run():
+    m = {"cores": 2, "cpu": "AMD EPYC", "memory_gib": 23.5, "os": "Linux", "kernel": "6", "python": "3.11",
+         "torch": "2", "loadavg": [1.5, 1.0, 1.0]}
+    r = {"readers": {}, "samples": 1, "shards": 1, "bytes": 1, "rounds": 1, "vlmstream_over_webdataset": 1.0,
+         "machine": m, "started": "2026-12-07T00:00", "loadavg_end": [2.25, 2.0, 2.0],
+         "run_as": "python tools/bench/suite.py --only tar --rounds 3"}
+    text = suite.section_md("tar", r, {"machine": m, "started": "2026-12-07T00:00"})
+    assert "These figures: `python tools/bench/suite.py --only tar --rounds 3`." in text
+    assert "load average 1.5 at the start (2.25 at the end)" in text

@@ -750,7 +750,10 @@ def section_md(name: str, r: dict[str, Any], res: dict[str, Any]) -> str:
     extra = f" (runs `{tool}`)" if tool else ""
     m, when = r.get("machine", res["machine"]), r.get("started", res["started"])
     took = f", in {r['seconds']:,.0f} s" if "seconds" in r else ""
-    return f"{body}\n\nReproduce: `{command(name)}`{extra}.\nMachine: {machine_line(m)}; measured {when[:10]}{took}."
+    end = f" ({r['loadavg_end'][0]:.2f} at the end)" if "loadavg_end" in r else ""
+    ran = f"\nThese figures: `{r['run_as']}`." if "run_as" in r else ""
+    return (f"{body}\n\nReproduce: `{command(name)}`{extra}.{ran}\nMachine: {machine_line(m)}{end}; measured "
+            f"{when[:10]}{took}.")
 
 
 def summary_md(res: dict[str, Any]) -> str:
@@ -853,12 +856,14 @@ def main_from_args(args: argparse.Namespace) -> int:
         "startup": lambda: section_startup(cfg, res["sections"]), "memory": lambda: section_memory(cfg),
         "overhead": lambda: section_overhead(cfg),
     }
+    run_as = " ".join([SUITE, *sys.argv[1:]])  # the exact command line, beside the generic `command(name)`
     for name in [s for s in SECTIONS if s in sections]:
         t0 = time.perf_counter()
         print(f"[suite] {name} ...", file=sys.stderr, flush=True)
         m, started = machine(), datetime.datetime.now().isoformat(timespec="seconds")
         res["sections"][name] = runners[name]()
-        res["sections"][name].update(seconds=round(time.perf_counter() - t0, 1), machine=m, started=started)
+        res["sections"][name].update(seconds=round(time.perf_counter() - t0, 1), machine=m, started=started,
+                                     loadavg_end=list(os.getloadavg()), run_as=run_as)
     res["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     res["loadavg_end"] = list(os.getloadavg())
     os.makedirs(args.out, exist_ok=True)
