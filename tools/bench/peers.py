@@ -66,6 +66,10 @@ CONTENDERS: dict[str, tuple[str | None, str, str, str]] = {
     "mosaic_s3": ("mosaic", "a", "s3", "MosaicML streaming {mosaic} from s3:// (the same server): "
                   "`StreamingDataset(remote=s3://..., local=fresh cache)` subclass, Pillow decode + resize, "
                   "StreamingDataLoader"),
+    "litdata_s3": ("litdata", "a", "s3", "LitData {litdata} from s3:// (the same server): `StreamingDataset("
+                   "\"s3://...\", cache_dir=fresh cache, transform=decode + resize)`, StreamingDataLoader"),
+    "energon_s3": ("energon", "a", "s3", "Megatron-Energon {energon} from s3:// (the same server, through a "
+                   "Multi-Storage Client profile): the prepared tar shards, the same TaskEncoder and `get_loader`"),
     "vlmstream_local": (None, "ab", "local", "vlmstream, local tar shards: the same pipeline on index.json"),
     "webdataset_local": (None, "a", "local", "webdataset {webdataset}, local tar shards: the same pipeline as over "
                          "HTTP"),
@@ -328,12 +332,15 @@ def run_mosaic(local: str, decode: Callable[[bytes], Any], workers: int, batch: 
     return make, lambda b: b["image"]
 
 
-def run_litdata(folder: str, decode: Callable[[bytes], Any], workers: int, batch: int) -> Loader:
+def run_litdata(folder: str, decode: Callable[[bytes], Any], workers: int, batch: int,
+                cache: str | None = None) -> Loader:
+    """LitData's documented pattern: `StreamingDataset(transform=...)` over the optimized chunks (local, or a
+    remote folder whose chunks it downloads into `cache`), through its StreamingDataLoader."""
     use_peer("litdata")
     import litdata
 
     def make() -> Any:
-        ds = litdata.StreamingDataset(folder, transform=lambda s: {"image": decode(s["jpg"])})
+        ds = litdata.StreamingDataset(folder, cache_dir=cache, transform=lambda s: {"image": decode(s["jpg"])})
         return iter(litdata.StreamingDataLoader(ds, batch_size=batch, num_workers=workers))
 
     return make, lambda b: b["image"]
@@ -359,6 +366,20 @@ def run_energon(folder: str, decode: Callable[[Any], Any], workers: int, batch: 
         return iter(get_loader(ds))
 
     return make, lambda b: b.image
+
+
+def msc_profile(s3: str, folder: str) -> tuple[str, str]:
+    """Energon reads object stores through Multi-Storage Client profiles (`msc://PROFILE/path`): a profile for
+    the bucket on the loopback S3 server (its endpoint and keys from the environment), in a config file of its
+    own that MSC_CONFIG names (the profile, and the folder of that file)."""
+    tmp = tempfile.mkdtemp(prefix="msc-", dir=folder)
+    path = os.path.join(tmp, "msc.json")
+    options = {"base_path": s3.removeprefix("s3://"), "endpoint_url": os.environ["AWS_ENDPOINT_URL"],
+               "region_name": os.environ.get("AWS_REGION", "us-east-1")}
+    with open(path, "w") as f:
+        json.dump({"profiles": {"bench": {"storage_provider": {"type": "s3", "options": options}}}}, f)
+    os.environ["MSC_CONFIG"] = path
+    return "msc://bench", tmp
 
 
 def build(name: str, a: argparse.Namespace) -> Callable[[], dict[str, Any]]:
@@ -403,8 +424,20 @@ def build(name: str, a: argparse.Namespace) -> Callable[[], dict[str, Any]]:
             loader = run_mosaic(a.cache, decode, w, batch, remote=f"{a.s3}/mds")
         elif peer == "mosaic":
             loader = run_mosaic(fmt("mds"), decode, w, batch)
+        elif name == "litdata_s3":
+            from litdata.streaming import downloader
+
+            # LitData fetches chunks with obstore, whose client refuses plain http:// unless told; the loopback
+            # server is http:// (a real S3 endpoint is https://), so its client options get allow_http, nothing else
+            downloader._OBSTORE_CLIENT_OPTIONS = {**downloader._OBSTORE_CLIENT_OPTIONS, "allow_http": "true"}
+            a.cache = tempfile.mkdtemp(prefix="litdata-cache-", dir=a.formats)  # every run downloads the chunks
+            loader = run_litdata(f"{a.s3}/litdata", decode, w, batch, cache=a.cache)
         elif peer == "litdata":
             loader = run_litdata(fmt("litdata"), decode, w, batch)
+        elif name == "energon_s3":
+            resize = bp.pil_resize_to_tensor(size)
+            profile, a.cache = msc_profile(a.s3, a.formats)
+            loader = run_energon(f"{profile}/energon", resize, w, batch, pil=True)
         elif peer == "energon":
             if name == "energon":  # its decoder hands over RGB PIL images: the user's resize only
                 resize = bp.pil_resize_to_tensor(size)
@@ -462,7 +495,7 @@ def main() -> int:
     ap.add_argument("--parquet", help="the folder of the Parquet files")
     ap.add_argument("--out", help="convert: the folder to write")
     ap.add_argument("--url", help="nginx's URL of the corpus folder")
-    ap.add_argument("--s3", help="s3://BUCKET: the corpus under corpus/, the MDS copy under mds/")
+    ap.add_argument("--s3", help="s3://BUCKET: the corpus under corpus/, the peers' copies under mds/, litdata/, energon/")
     ap.add_argument("--s3-env", default="{}", help="the S3 server's environment (endpoint, keys), as JSON")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)

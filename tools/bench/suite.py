@@ -192,15 +192,17 @@ def section_224(cfg: Config) -> dict[str, Any]:
         argv = ["--corpus", folder, "--formats", formats, "--parquet", os.path.join(formats, "parquet"),
                 "--url", srv.url, "--workers", str(w), "--batch", str(batch), "--size", str(size),
                 "--expect", str(expect)]
-        if s3 is not None:  # the corpus and its MDS copy in a bucket of the S3 server
+        if s3 is not None:  # the corpus and the peers' copies in a bucket of the S3 server
             bucket = s3.make_bucket()
             for name in [manifest, *map(os.path.basename, paths)]:
                 with open(os.path.join(folder, name), "rb") as f:
                     s3.put(bucket, f"corpus/{name}", f.read())
-            mds = os.path.join(formats, "mds")
-            for name in (os.listdir(mds) if "mosaic_s3" in names else []):
-                with open(os.path.join(mds, name), "rb") as f:
-                    s3.put(bucket, f"mds/{name}", f.read())
+            for fmt, who in (("mds", "mosaic_s3"), ("litdata", "litdata_s3"), ("energon", "energon_s3")):
+                top = os.path.join(formats, fmt)  # the peer's copy (energon's: the shards, linked, and its index)
+                for d, _, files in (os.walk(top) if who in names else ()):
+                    for name in files:
+                        with open(os.path.join(d, name), "rb") as f:
+                            s3.put(bucket, f"{fmt}/{os.path.relpath(os.path.join(d, name), top)}", f.read())
             argv += ["--s3", s3.url(bucket).rstrip("/"), "--s3-env", json.dumps(s3.env)]
         with bar(total=cfg.rounds * len(names), desc="224 job", unit="run", enabled=cfg.progress) as pb:
             for r in range(cfg.rounds):
@@ -235,7 +237,7 @@ def section_224(cfg: Config) -> dict[str, Any]:
                 "median_of_rounds": med(per_round), "per_round": per_round,
                 "by_cpu": rows[b]["cpu_ms_per_sample"] / rows[a]["cpu_ms_per_sample"]}
 
-    pairs = [("vlmstream", "webdataset"), ("vlmstream_s3", "mosaic_s3")]
+    pairs = [("vlmstream", "webdataset")] + [("vlmstream_s3", n) for n in ("mosaic_s3", "litdata_s3", "energon_s3")]
     pairs += [("vlmstream_local", n) for n in runs if peers.CONTENDERS[n][1] in ("a", "b") and n != "vlmstream_local"
               and peers.CONTENDERS[n][2] == "local"]
     pairs += [("vlmstream", "limit"), ("vlmstream_local", "limit"), ("limit", "limit_full")]
@@ -704,9 +706,11 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
             rows.append((f"224 job ({variant}): vlmstream against the fastest peer, {what}",
                          f"{t['best']:.2f}x {t['best_peer']} ({r['rows'][t['best_peer']]['best_samples_per_s']:,.0f} "
                          "samples/s)", command("224")))
-        if "vlmstream_s3/mosaic_s3" in r["ratios"]:
-            rows.append(("224 job over S3 (loopback): vlmstream against MosaicML streaming",
-                         f"{r['ratios']['vlmstream_s3/mosaic_s3']['best']:.2f}x", command("224")))
+        for peer, text in (("mosaic_s3", "MosaicML streaming"), ("litdata_s3", "LitData"),
+                           ("energon_s3", "Megatron-Energon")):
+            if f"vlmstream_s3/{peer}" in r["ratios"]:
+                rows.append((f"224 job over S3 (loopback): vlmstream against {text}",
+                             f"{r['ratios'][f'vlmstream_s3/{peer}']['best']:.2f}x", command("224")))
     if "vlm" in s and "in_process" in s["vlm"]:
         x = s["vlm"].get("loader", s["vlm"]["in_process"])
         rows.append(("VLM job, vs.Loader" if "loader" in s["vlm"] else "VLM job, one process",
