@@ -27,7 +27,8 @@ each system's idiomatic pipeline as its documentation shows it, with the decode 
 decode, Pillow's bilinear resize, the array as a CHW tensor: `pil_decode`); variant (b) has every system call
 vlmstream's own decode and resize (`same_decode`: `open_image` with JPEG draft decoding, then `vs.Resize`), so
 what remains between them is each loader's own overhead. vlmstream's pipeline is variant (b) already, so its
-row stands in both.
+row stands in both. Over the network (variant (a)): vlmstream and webdataset from nginx on loopback; vlmstream,
+MosaicML streaming, LitData and Energon from moto's S3 server on loopback, the peers' own copies uploaded there.
 """
 
 from __future__ import annotations
@@ -495,7 +496,8 @@ def main() -> int:
     ap.add_argument("--parquet", help="the folder of the Parquet files")
     ap.add_argument("--out", help="convert: the folder to write")
     ap.add_argument("--url", help="nginx's URL of the corpus folder")
-    ap.add_argument("--s3", help="s3://BUCKET: the corpus under corpus/, the peers' copies under mds/, litdata/, energon/")
+    ap.add_argument("--s3", help="s3://BUCKET: the corpus under corpus/, the peers' copies under mds/, litdata/, "
+                    "energon/")
     ap.add_argument("--s3-env", default="{}", help="the S3 server's environment (endpoint, keys), as JSON")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)

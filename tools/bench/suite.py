@@ -14,7 +14,8 @@ Sections (each one a block of docs/BENCHMARKS.md between ``<!-- vlmstream-bench:
             system's own format, converted by its own writer (timed), read from local disk by vlmstream,
             webdataset, MosaicML streaming, LitData, Megatron-Energon and Hugging Face ``datasets``, (a) each
             with its own pipeline, (b) each calling vlmstream's decode; vlmstream and webdataset over nginx,
-            vlmstream and Mosaic from moto's S3 server; the bare decode limit with and without draft decoding
+            vlmstream, Mosaic, LitData and Energon from moto's S3 server; the bare decode limit with and
+            without draft decoding
   vlm       the VLM job: tiles, tokenize, pack, batch (tools/bench/vlm.py; reported as missing if it fails)
   startup   time to the first batch and requests before it (from the 224 runs), and resuming from a
             checkpoint against replaying (tools/bench/resume.py)
@@ -328,7 +329,8 @@ def md_224(r: dict[str, Any]) -> str:
                      f"median of rounds{by_cpu}")
     for variant, t in r.get("targets", {}).items():
         verdict = ("met" if t["best"] >= t["goal"] else
-                   f"missed by {t['goal'] - t['best']:.2f}x (vlmstream would need {t['goal'] / t['best'] - 1:.0%} more)")
+                   f"missed by {t['goal'] - t['best']:.2f}x (vlmstream would need "
+                   f"{t['goal'] / t['best'] - 1:.0%} more)")
         by_cpu = f"; by CPU time per sample {t['lowest_by_cpu']:.2f}x the leanest peer" if "lowest_by_cpu" in t else ""
         lines.append(f"- target ({variant}): vlmstream, local files >= {t['goal']:.1f}x the best peer "
                      f"({t['best_peer']}): **{t['best']:.2f}x** best/best, {t['median_of_rounds']:.2f}x median of "
