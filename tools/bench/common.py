@@ -167,13 +167,14 @@ def write_manifests(paths: list[str], repeat: int) -> tuple[str, str]:
     return one, many
 
 
-def write_parquet(paths: list[str]) -> list[str]:
-    """The corpus as Parquet, one file per shard (the same samples: key, JPEG bytes, JSON text), written once:
-    what Hugging Face datasets streams in the 224 job."""
+def write_parquet(paths: list[str], folder: str | None = None) -> list[str]:
+    """The corpus as Parquet, one file per shard (the same samples: key, JPEG bytes, JSON text), written once
+    (into `folder`, by default the shards' folder's name + "-parquet"): what Hugging Face datasets streams in the
+    224 job."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    folder = os.path.dirname(paths[0]) + "-parquet"
+    folder = folder or os.path.dirname(paths[0]) + "-parquet"
     os.makedirs(folder, exist_ok=True)
     out = []
     for p in paths:

@@ -10,10 +10,12 @@
 Sections (each one a block of docs/BENCHMARKS.md between ``<!-- vlmstream-bench:NAME -->`` markers):
 
   tar       the tar reader alone against plain reads and webdataset (tools/bench/tar.py)
-  224       the 224 job side by side, rounds interleaved: vlmstream and webdataset over nginx on loopback,
-            vlmstream on the same shards as local files, Hugging Face ``datasets`` streaming the same samples
-            as local Parquet files, and the bare decode limit with and without JPEG draft decoding
-            (the contenders of tools/bench/pipeline.py, plus the two local ones)
+  224       the 224 job against its peers, rounds interleaved (tools/bench/peers.py): the same samples in each
+            system's own format, converted by its own writer (timed), read from local disk by vlmstream,
+            webdataset, MosaicML streaming, LitData, Megatron-Energon and Hugging Face ``datasets``, (a) each
+            with its own pipeline, (b) each calling vlmstream's decode; vlmstream and webdataset over nginx,
+            vlmstream, Mosaic, LitData and Energon from moto's S3 server; the bare decode limit with and
+            without draft decoding
   vlm       the VLM job: tiles, tokenize, pack, batch (tools/bench/vlm.py; reported as missing if it fails)
   startup   time to the first batch and requests before it (from the 224 runs), and resuming from a
             checkpoint against replaying (tools/bench/resume.py)
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import os
 import re
@@ -44,7 +45,8 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [ROOT, os.path.dirname(HERE)]  # the checkout's vlmstream; tools/
 
 from bench.common import (build_corpus, build_vlm_corpus, cpu_times, read_all, vlm_tokenizer,  # noqa: E402
-                          write_manifests, write_parquet)
+                          write_manifests)
+from bench import peers  # noqa: E402  (the 224 job's contenders)
 from loopback_nginx import LoopbackNginx  # noqa: E402  (tools/loopback_nginx.py)
 from vlmstream.cli.bench import Bars, draw, machine, machine_line, overhead_figures  # noqa: E402
 from vlmstream.progress import bar  # noqa: E402
@@ -120,27 +122,6 @@ def md_tar(r: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------------- 224
 
 
-def run_hf_datasets(files: list[str], workers: int, batch: int, size: int) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
-    """Hugging Face datasets streaming the Parquet files, as its users write it: load_dataset(streaming=True),
-    .map(decode + resize) per example, a torch DataLoader with workers (which share the files)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    def transform(ex: dict[str, Any]) -> dict[str, Any]:
-        im = Image.open(io.BytesIO(ex["jpg"])).convert("RGB").resize((size, size), Image.BILINEAR)
-        return {"image": torch.as_tensor(np.array(im, copy=True)).permute(2, 0, 1)}
-
-    def make() -> Any:
-        from datasets import load_dataset
-
-        ds = load_dataset("parquet", data_files=files, split="train", streaming=True)
-        ds = ds.map(transform, remove_columns=["jpg", "json"])
-        return iter(torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers))
-
-    return make, lambda b: b["image"]
-
-
 def hf_datasets_version() -> str | None:
     try:
         import datasets
@@ -150,42 +131,91 @@ def hf_datasets_version() -> str | None:
         return None
 
 
+HTTP_ROWS = ("vlmstream", "webdataset")  # nginx's log gives their requests
+
+
+def _skip_reason(name: str, peers_found: dict[str, Any], conversions: dict[str, Any], s3_missing: str | None
+                 ) -> str | None:
+    """Why a contender cannot run here (its package, its format or its server missing), or None."""
+    import shutil
+
+    peer, _, where, _ = peers.CONTENDERS[name]
+    if peer and "missing" in peers_found[peer]:
+        return f"{peers.PEERS[peer][0]} not installed here ({peers_found[peer]['missing']}); `make bench` installs it"
+    fmt = {"mosaic": "mds", "litdata": "litdata", "energon": "energon"}.get(peer or "")
+    if name.startswith("hf_datasets"):
+        fmt = "parquet"
+        if not hf_datasets_version():
+            return "Hugging Face datasets not installed (the bench extra)"
+    if fmt and "skipped" in conversions.get(fmt, {}):
+        return conversions[fmt]["skipped"]
+    if where == "s3" and s3_missing:
+        return s3_missing
+    if name == "webdataset" and not shutil.which("curl"):
+        return "webdataset reads http:// with curl: not installed (make system-deps)"
+    return None
+
+
 def section_224(cfg: Config) -> dict[str, Any]:
+    """Every contender of tools/bench/peers.py, each run in a process of its own, rounds interleaved and their
+    order rotating; the formats converted first, each by its own writer, timed."""
+    import contextlib
+
     from bench import pipeline as bp
 
     paths = build_corpus(cfg.workdir, cfg.shards, cfg.per_shard)
     expect = cfg.shards * cfg.per_shard
     manifest, _ = write_manifests(paths, cfg.repeat)
     folder = os.path.dirname(paths[0])
-    parquet = write_parquet(paths) if hf_datasets_version() else None
-    read_all(paths + (parquet or []))  # warm the page cache
+    formats = os.path.join(cfg.workdir, f"peers-{cfg.shards}x{cfg.per_shard}")
+    found = peers.check()
+    conversions: dict[str, Any] = {}
+    for fmt, peer in peers.FORMATS.items():
+        if peer and "missing" in found[peer]:
+            conversions[fmt] = {"skipped": f"{peers.PEERS[peer][0]} not installed here"}
+        elif fmt == "parquet" and not hf_datasets_version():
+            conversions[fmt] = {"skipped": "Hugging Face datasets not installed"}
+        else:
+            print(f"[224] converting the corpus to {fmt} ...", file=sys.stderr, flush=True)
+            conversions[fmt] = peers.call(["convert", fmt, "--corpus", folder, "--out", os.path.join(formats, fmt)])
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from stores import S3Server  # tests/stores.py: moto's S3 server
+
+    s3_missing = S3Server.missing()
+    skipped = {n: why for n in peers.CONTENDERS if (why := _skip_reason(n, found, conversions, s3_missing))}
+    only = os.environ.get("VLMSTREAM_BENCH_224")  # a comma-separated subset of the contenders (debugging)
+    names = [n for n in peers.CONTENDERS if n not in skipped and (not only or n in only.split(","))]
+    read_all(paths + [os.path.join(d, f) for d, _, fs in os.walk(formats) for f in fs])  # warm the page cache
     w, batch, size = cfg.workers, 32, 224
     runs: dict[str, list[dict[str, Any]]] = {}
-    with LoopbackNginx(folder) as srv:
-        urls = [f"{srv.url}/{os.path.basename(p)}" for p in paths]
-        vl = bp.run_vlmstream(f"{srv.url}/{manifest}", w, batch, size)
-        vl_local = bp.run_vlmstream(os.path.join(folder, manifest), w, batch, size)
-        wd = bp.run_webdataset(urls, w, batch, size)
-        contenders: dict[str, Callable[[], dict[str, Any]]] = {
-            "vlmstream": lambda: bp.time_loader(*vl, expect, size),
-            "webdataset": lambda: bp.time_loader(*wd, expect, size),
-            "vlmstream_local": lambda: bp.time_loader(*vl_local, expect, size),
-            "limit": lambda: bp.run_limit(paths, w, size, True, expect),
-            "limit_full": lambda: bp.run_limit(paths, w, size, False, expect),
-        }
-        if parquet:
-            hf = run_hf_datasets(parquet, w, batch, size)
-            contenders["hf_datasets"] = lambda: bp.time_loader(*hf, expect, size)
-        names = list(contenders)
+    use_s3 = any(peers.CONTENDERS[n][2] == "s3" for n in names)
+    with LoopbackNginx(folder) as srv, (S3Server() if use_s3 else contextlib.nullcontext()) as s3:
+        argv = ["--corpus", folder, "--formats", formats, "--parquet", os.path.join(formats, "parquet"),
+                "--url", srv.url, "--workers", str(w), "--batch", str(batch), "--size", str(size),
+                "--expect", str(expect)]
+        if s3 is not None:  # the corpus and the peers' copies in a bucket of the S3 server
+            bucket = s3.make_bucket()
+            for name in [manifest, *map(os.path.basename, paths)]:
+                with open(os.path.join(folder, name), "rb") as f:
+                    s3.put(bucket, f"corpus/{name}", f.read())
+            for fmt, who in (("mds", "mosaic_s3"), ("litdata", "litdata_s3"), ("energon", "energon_s3")):
+                top = os.path.join(formats, fmt)  # the peer's copy (energon's: the shards, linked, and its index)
+                for d, _, files in (os.walk(top) if who in names else ()):
+                    for name in files:
+                        with open(os.path.join(d, name), "rb") as f:
+                            s3.put(bucket, f"{fmt}/{os.path.relpath(os.path.join(d, name), top)}", f.read())
+            argv += ["--s3", s3.url(bucket).rstrip("/"), "--s3-env", json.dumps(s3.env)]
         with bar(total=cfg.rounds * len(names), desc="224 job", unit="run", enabled=cfg.progress) as pb:
             for r in range(cfg.rounds):
                 for name in names[r % len(names):] + names[: r % len(names)]:
                     pb.set_postfix_str(name)
                     mark = srv.mark()
-                    out = contenders[name]()
-                    if name in ("vlmstream", "webdataset"):
+                    out = peers.call(["run", name, *argv])
+                    if name in HTTP_ROWS:
                         out.update(bp.requests_of(srv.since(mark), out))
                     runs.setdefault(name, []).append(out)
+                    print(f"[224] round {r + 1} {name:<17} {out['samples_per_s']:7.0f} samples/s, "
+                          f"{out['cpu_ms_per_sample']:.2f} CPU ms/sample", file=sys.stderr, flush=True)
                     pb.update(1)
     med = statistics.median
     rows = {}
@@ -193,63 +223,120 @@ def section_224(cfg: Config) -> dict[str, Any]:
         rates = [x["samples_per_s"] for x in rs]
         row = {"best_samples_per_s": max(rates), "median_samples_per_s": med(rates), "runs": rates,
                "cpu_ms_per_sample": med(x["cpu_ms_per_sample"] for x in rs)}
-        if "first_batch_s" in rs[0]:
-            row["first_batch_s"] = med(x["first_batch_s"] for x in rs)
+        for k in ("first_batch_s", "peak_rss_mib", "steady_samples_per_s"):
+            if k in rs[0]:
+                row[k] = med(x[k] for x in rs)
         if "requests" in rs[0]:
             row["requests"] = rs[0]["requests"]
             row["requests_before_first_batch"] = rs[0]["requests_before_first_batch"]
         rows[name] = row
-    ratios = {}
-    for a, b in (("vlmstream", "webdataset"), ("vlmstream_local", "hf_datasets"), ("vlmstream", "limit"),
-                 ("limit", "limit_full")):
-        if a in runs and b in runs:
-            per_round = [x["samples_per_s"] / y["samples_per_s"] for x, y in zip(runs[a], runs[b])]
-            ratios[f"{a}/{b}"] = {"best": rows[a]["best_samples_per_s"] / rows[b]["best_samples_per_s"],
-                                  "median_of_rounds": med(per_round)}
+
+    def ratio(a: str, b: str, steady: bool = False) -> dict[str, Any]:
+        key = "steady_samples_per_s" if steady else "samples_per_s"
+        per_round = [x.get(key, x["samples_per_s"]) / y["samples_per_s"] for x, y in zip(runs[a], runs[b])]
+        return {"best": max(x.get(key, x["samples_per_s"]) for x in runs[a]) / rows[b]["best_samples_per_s"],
+                "median_of_rounds": med(per_round), "per_round": per_round,
+                "by_cpu": rows[b]["cpu_ms_per_sample"] / rows[a]["cpu_ms_per_sample"]}
+
+    pairs = [("vlmstream", "webdataset")] + [("vlmstream_s3", n) for n in ("mosaic_s3", "litdata_s3", "energon_s3")]
+    pairs += [("vlmstream_local", n) for n in runs if peers.CONTENDERS[n][1] in ("a", "b") and n != "vlmstream_local"
+              and peers.CONTENDERS[n][2] == "local"]
+    pairs += [("vlmstream", "limit"), ("vlmstream_local", "limit"), ("limit", "limit_full")]
+    ratios = {f"{a}/{b}": ratio(a, b) for a, b in pairs if a in runs and b in runs}
     if "vlmstream" in runs and "limit" in runs:  # from vlmstream's first batch on, as the limit is timed
-        steady = [x["steady_samples_per_s"] for x in runs["vlmstream"]]
-        ratios["vlmstream (from its first batch)/limit"] = {
-            "best": max(steady) / rows["limit"]["best_samples_per_s"],
-            "median_of_rounds": med(x / y["samples_per_s"] for x, y in zip(steady, runs["limit"]))}
+        ratios["vlmstream (from its first batch)/limit"] = ratio("vlmstream", "limit", steady=True)
+    targets = {}
+    for variant, goal in (("a", 1.5), ("b", 1.0)):
+        peer_rows = [n for n in runs if peers.CONTENDERS[n][1] == variant and peers.CONTENDERS[n][2] == "local"]
+        if peer_rows and "vlmstream_local" in runs:
+            best = max(peer_rows, key=lambda n: rows[n]["best_samples_per_s"])
+            worst_cpu = min(ratios[f"vlmstream_local/{n}"]["by_cpu"] for n in peer_rows)
+            targets[variant] = {"best_peer": best, "goal": goal, **ratios[f"vlmstream_local/{best}"],
+                                "lowest_by_cpu": worst_cpu}
     import webdataset
 
+    versions = {"webdataset": webdataset.__version__, "datasets": hf_datasets_version(),
+                **{p: v.get("version") for p, v in found.items()}}
     return {"samples": expect, "shards": len(paths), "bytes": sum(os.path.getsize(p) for p in paths),
             "workers": w, "batch": batch, "size": size, "rounds": cfg.rounds, "rows": rows, "ratios": ratios,
-            "versions": {"webdataset": webdataset.__version__, "datasets": hf_datasets_version()}}
+            "targets": targets, "conversions": conversions, "skipped": skipped, "versions": versions}
 
 
-ROW_TEXT = {
-    "vlmstream": "vlmstream over HTTP: `vs.Loader` of shards(index.json) -> split -> fetch -> tar_samples -> "
-                 "decode(Resize(224)) -> batch(32)",
-    "webdataset": "webdataset {wds} over HTTP (curl): `.decode(\"pil\").map(resize).to_tuple().batched(32)`, WebLoader",
-    "vlmstream_local": "vlmstream, the same shards as local files",
-    "hf_datasets": "Hugging Face datasets {hfd}, `load_dataset(\"parquet\", streaming=True).map(decode + resize)`, "
-                   "the same samples as local Parquet, torch DataLoader",
-    "limit": "decode limit: the images decoded from memory with vlmstream's draft decode + resize, "
-             "no tar/HTTP/batching/IPC",
-    "limit_full": "decode limit without draft decoding (full 640x480 decode, then resize)",
-}
+def _row_text(name: str, versions: dict[str, Any]) -> str:
+    text = ROW_TEXT.get(name, name)
+    return text.format(**{k: v or "" for k, v in versions.items()})
+
+
+ROW_TEXT = {name: text for name, (_, _, _, text) in peers.CONTENDERS.items()}
+GROUPS = (("Each system's own pipeline (a), local files", "a", "local"),
+          ("Every system calling vlmstream's decode and resize (b), local files", "b", "local"),
+          ("Over the network (loopback): nginx for HTTP, moto's S3 server", None, "net"),
+          ("The decode limit", "limit", "memory"))
+CONVERSION_TEXT = {"mds": "MDS: `streaming.MDSWriter` (MosaicML streaming {mosaic})",
+                   "litdata": "LitData chunks: `litdata.optimize(num_workers=2)` ({litdata})",
+                   "energon": "Energon: `energon prepare` on the tar shards ({energon}; index only)",
+                   "parquet": "Parquet: pyarrow `write_table` (what HF datasets reads)"}
 
 
 def md_224(r: dict[str, Any]) -> str:
-    v = r["versions"]
+    v = {k: x or "" for k, x in r["versions"].items()}
     lines = [f"What: {r['samples']:,} samples ({r['shards']} shards, {r['bytes'] / 1e6:,.0f} MB of 640x480 photo "
              f"JPEGs) decoded to [3, 224, 224] uint8 tensors in batches of {r['batch']}, {r['workers']} DataLoader "
-             f"workers (or processes), page cache warm; HTTP is nginx on loopback. Time from building the loader "
-             f"to the last batch (the limit: its decoding loop, in processes started and data loaded before the "
-             f"clock; so one ratio also counts vlmstream from its first batch on); {r['rounds']} round{'s' * (r['rounds'] != 1)}, contenders interleaved, their order rotating.", "",
-             "| contender | best samples/s | median | CPU ms/sample | first batch s | requests (before 1st batch) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for name, row in r["rows"].items():
-        text = ROW_TEXT.get(name, name).format(wds=v.get("webdataset"), hfd=v.get("datasets"))
-        fb = f"{row['first_batch_s']:.2f}" if "first_batch_s" in row else "-"
-        rq = f"{row['requests']} ({row['requests_before_first_batch']})" if "requests" in row else "-"
-        lines.append(f"| {text} | {row['best_samples_per_s']:,.0f} | {row['median_samples_per_s']:,.0f} | "
-                     f"{row['cpu_ms_per_sample']:.2f} | {fb} | {rq} |")
+             f"workers (or processes), page cache warm. Each run in a fresh process of its own "
+             "(tools/bench/peers.py: its imports done before the clock), timed from building the loader to the "
+             "last batch (the limit: its decoding loop, in processes started and data loaded before the clock); "
+             "CPU time of the process and its workers; peak RSS of the process and its workers (summed, sampled "
+             f"every 50 ms). {r['rounds']} round{'s' * (r['rounds'] != 1)}, contenders interleaved, their order "
+             "rotating. Variant (a): each system's pipeline as its documentation shows it, with the decode a user "
+             "writes (Pillow's full decode and bilinear resize); variant (b): every system calling vlmstream's "
+             "decode and resize (`open_image` with JPEG draft decoding, then `vs.Resize`), so what remains is "
+             "each loader's own overhead. vlmstream's pipeline is that decode already: its row stands in both."]
+    header = ["| contender | best samples/s | median | CPU ms/sample | first batch s | peak RSS MiB | "
+              "requests (before 1st batch) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for title, variant, where in GROUPS:
+        names = [n for n in peers.CONTENDERS if (n in r["rows"] or n in r["skipped"])
+                 and ((peers.CONTENDERS[n][2] in ("http", "s3")) if where == "net" else
+                      (peers.CONTENDERS[n][2] == where and variant in peers.CONTENDERS[n][1]))]
+        if not names:
+            continue
+        lines += ["", f"{title}:", "", *header]
+        for n in names:
+            text = _row_text(n, v)
+            if n in r["skipped"]:
+                lines.append(f"| {text} | skipped: {r['skipped'][n]} | | | | | |")
+                continue
+            row = r["rows"][n]
+            fb = f"{row['first_batch_s']:.2f}" if "first_batch_s" in row else "-"
+            rss = f"{row['peak_rss_mib']:,.0f}" if "peak_rss_mib" in row else "-"
+            rq = f"{row['requests']} ({row['requests_before_first_batch']})" if "requests" in row else "-"
+            lines.append(f"| {text} | {row['best_samples_per_s']:,.0f} | {row['median_samples_per_s']:,.0f} | "
+                         f"{row['cpu_ms_per_sample']:.2f} | {fb} | {rss} | {rq} |")
+    if r.get("conversions"):
+        lines += ["", f"Conversions from the tar shards, each by its system's own writer, once per run (the tar "
+                  "shards are vlmstream's and webdataset's format as they are; vlmstream reads them without an "
+                  "index, its `index.json` is optional):", "",
+                  "| format | seconds | CPU s | size MB |", "|---|---:|---:|---:|"]
+        for fmt, c in r["conversions"].items():
+            text = CONVERSION_TEXT.get(fmt, fmt).format(**v)
+            if "skipped" in c:
+                lines.append(f"| {text} | skipped: {c['skipped']} | | |")
+            else:
+                lines.append(f"| {text} | {c['s']:.1f} | {c['cpu_s']:.1f} | {c['bytes'] / 1e6:,.0f} |")
     lines.append("")
     for k, x in r["ratios"].items():
+        by_cpu = f", {x['by_cpu']:.2f}x by CPU time per sample" if "by_cpu" in x else ""
         lines.append(f"- {k.replace('/', ' / ')}: **{x['best']:.2f}x** (best/best), {x['median_of_rounds']:.2f}x "
-                     "median of rounds")
+                     f"median of rounds{by_cpu}")
+    for variant, t in r.get("targets", {}).items():
+        verdict = ("met" if t["best"] >= t["goal"] else
+                   f"missed by {t['goal'] - t['best']:.2f}x (vlmstream would need "
+                   f"{t['goal'] / t['best'] - 1:.0%} more)")
+        by_cpu = f"; by CPU time per sample {t['lowest_by_cpu']:.2f}x the leanest peer" if "lowest_by_cpu" in t else ""
+        lines.append(f"- target ({variant}): vlmstream, local files >= {t['goal']:.1f}x the best peer "
+                     f"({t['best_peer']}): **{t['best']:.2f}x** best/best, {t['median_of_rounds']:.2f}x median of "
+                     f"rounds: {verdict}{by_cpu}")
+    if r.get("skipped"):
+        lines.append(f"- skipped here: {', '.join(sorted(r['skipped']))} (reasons in the tables)")
     return "\n".join(lines)
 
 
@@ -616,6 +703,16 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
                 if k in ratio and ratio[k][0] in r["ratios"]:
                     value += f" ({r['ratios'][ratio[k][0]]['best']:.2f}x {ratio[k][1]})"
                 rows.append((f"224 job: {text}", value, command("224")))
+        for variant, t in r.get("targets", {}).items():
+            what = ("its own pipeline" if variant == "a" else "vlmstream's decode") + ", local files"
+            rows.append((f"224 job ({variant}): vlmstream against the fastest peer, {what}",
+                         f"{t['best']:.2f}x {t['best_peer']} ({r['rows'][t['best_peer']]['best_samples_per_s']:,.0f} "
+                         "samples/s)", command("224")))
+        for peer, text in (("mosaic_s3", "MosaicML streaming"), ("litdata_s3", "LitData"),
+                           ("energon_s3", "Megatron-Energon")):
+            if f"vlmstream_s3/{peer}" in r["ratios"]:
+                rows.append((f"224 job over S3 (loopback): vlmstream against {text}",
+                             f"{r['ratios'][f'vlmstream_s3/{peer}']['best']:.2f}x", command("224")))
     if "vlm" in s and "in_process" in s["vlm"]:
         x = s["vlm"].get("loader", s["vlm"]["in_process"])
         rows.append(("VLM job, vs.Loader" if "loader" in s["vlm"] else "VLM job, one process",
@@ -659,7 +756,10 @@ def section_md(name: str, r: dict[str, Any], res: dict[str, Any]) -> str:
     extra = f" (runs `{tool}`)" if tool else ""
     m, when = r.get("machine", res["machine"]), r.get("started", res["started"])
     took = f", in {r['seconds']:,.0f} s" if "seconds" in r else ""
-    return f"{body}\n\nReproduce: `{command(name)}`{extra}.\nMachine: {machine_line(m)}; measured {when[:10]}{took}."
+    end = f" ({r['loadavg_end'][0]:.2f} at the end)" if "loadavg_end" in r else ""
+    ran = f"\nThese figures: `{r['run_as']}`." if "run_as" in r else ""
+    return (f"{body}\n\nReproduce: `{command(name)}`{extra}.{ran}\nMachine: {machine_line(m)}{end}; measured "
+            f"{when[:10]}{took}.")
 
 
 def summary_md(res: dict[str, Any]) -> str:
@@ -762,12 +862,14 @@ def main_from_args(args: argparse.Namespace) -> int:
         "startup": lambda: section_startup(cfg, res["sections"]), "memory": lambda: section_memory(cfg),
         "overhead": lambda: section_overhead(cfg),
     }
+    run_as = " ".join([SUITE, *sys.argv[1:]])  # the exact command line, beside the generic `command(name)`
     for name in [s for s in SECTIONS if s in sections]:
         t0 = time.perf_counter()
         print(f"[suite] {name} ...", file=sys.stderr, flush=True)
         m, started = machine(), datetime.datetime.now().isoformat(timespec="seconds")
         res["sections"][name] = runners[name]()
-        res["sections"][name].update(seconds=round(time.perf_counter() - t0, 1), machine=m, started=started)
+        res["sections"][name].update(seconds=round(time.perf_counter() - t0, 1), machine=m, started=started,
+                                     loadavg_end=list(os.getloadavg()), run_as=run_as)
     res["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     res["loadavg_end"] = list(os.getloadavg())
     os.makedirs(args.out, exist_ok=True)
