@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import json
 import pickle
 import sys
 import tarfile
@@ -392,3 +393,58 @@ def test_images_are_decoded_back_to_back_up_to_a_bound_of_memory(vqa_index):
     for n, decoded_at_each_yield in ((1024, [8] * 8), (5 << 20, list(range(1, 9)))):  # 8 KB together; 40 MB
         calls.clear()
         assert [len(calls) for _ in vs.decode(Sized(n))(iter(samples))] == decoded_at_each_yield
+
+
+# ------------------------------------------------------------------------------------------------ lazy tiles
+
+
+def test_lazy_tiles_have_the_eager_grid_and_pixels_rotated_and_drafted_too(photo):
+    from vlmstream.stages.decode import LazyTiles
+
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, displayed portrait
+    Image.fromarray(photo[:, :300]).save(rotated, "JPEG", exif=exif)
+    for data in (jpeg(photo), rotated.getvalue(), png(photo[:200])):
+        tiles = vs.ImageTiles(64, 256, output="uint8")
+        eager = vs.decode(tiles).decode_sample({"__key__": "a", "0.jpg": data})["0.jpg"]
+        lazy = vs.decode(tiles, lazy=True).decode_sample({"__key__": "a", "0.jpg": data})["0.jpg"]
+        assert isinstance(lazy, LazyTiles) and lazy.grid == eager.grid and lazy.has_global == eager.has_global
+        assert torch.equal(lazy.pixels, eager.pixels)
+    with pytest.raises(ValueError, match="lazy=True needs"):
+        vs.decode(vs.Resize(224), lazy=True)
+
+
+def _vlm_chain(samples, on_error, tok):
+    return vs.Pipeline(lambda _: iter(samples), vs.decode(vs.ImageTiles(32, 64), lazy=True, on_error=on_error),
+                       vs.tokenize(tok, 1024), vs.pack(1024, buffer=8), vs.batch(2))
+
+
+def test_the_pack_buffer_holds_compressed_images_and_a_corrupt_one_is_handled_where_it_is_made(photo):
+    from vlm_data import chat_tokenizer
+
+    tok = chat_tokenizer(image_token_length=4)
+    conv = json.dumps({"messages": [{"role": "user", "content": "<image>what?"},
+                                    {"role": "assistant", "content": "yes"}], "images": ["0.jpg"]}).encode()
+    good = jpeg(photo)
+    broken = good[: len(good) // 3]  # the header reads; the pixels do not
+    samples = [{"__key__": f"{i:03d}", "__url__": "http://h/s.tar", "json": conv, "0.jpg": broken if i == 5 else good}
+               for i in range(10)]
+    pipe = _vlm_chain(samples, "skip", tok)
+    made = []
+    pack_stage = pipe.stages[3]
+    original = pack_stage._drain
+
+    def watched():
+        held = [*pack_stage.pending, *(s for b in pack_stage.ready for s in b)]  # the buffer, as it plans
+        made.append(sum(isinstance(im, torch.Tensor) for s in held for im in s["images"]))
+        yield from original()
+
+    pack_stage._drain = watched
+    keys = [k for b in pipe for row in b["__key__"] for k in row.split("+")]
+    assert sorted(keys) == [f"{i:03d}" for i in range(10) if i != 5] and made and not any(made)
+    decode = pipe.stages[1]
+    assert decode.stats.skipped == {"corrupt_image": 1} and decode.stats.samples_lost == 1
+    assert "sample '005' member '0.jpg'" in decode.stats.errors[0]
+    with pytest.raises(vs.DecodeError, match="http://h/s.tar: sample '005' member '0.jpg'"):
+        list(_vlm_chain(samples, "raise", tok))

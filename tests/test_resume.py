@@ -15,10 +15,11 @@ def vqa(tmp_path_factory):
     return write_easyvqa_shards(str(tmp_path_factory.mktemp("vqa")), n_images=48, maxcount=6)  # 8 shards
 
 
-def vlm_loader(index, tok, workers=2, rank=0, world=1):
+def vlm_loader(index, tok, workers=2, rank=0, world=1, lazy=False):
     pipe = vs.Pipeline(
         vs.shards(index, seed=5), vs.split_by_node(), vs.split_by_worker(), vs.fetch(prefetch=1), vs.tar_samples(),
-        vs.shuffle(10, initial=4), vs.decode(vs.ImageTiles(32, 64, output="uint8")), vs.tokenize(tok, max_len=1024),
+        vs.shuffle(10, initial=4), vs.decode(vs.ImageTiles(32, 64, output="uint8"), lazy=lazy),
+        vs.tokenize(tok, max_len=1024),
         vs.pack(1024, max_images=2, buffer=5), vs.batch(2), rank=rank, world_size=world, seed=1)
     return vs.Loader(pipe, num_workers=workers)
 
@@ -97,6 +98,18 @@ def test_another_topology_delivers_every_remaining_sample_exactly_once(vqa, new_
     everything = Counter(delivered) + Counter(after)
     assert set(delivered).isdisjoint(after)
     assert everything == Counter(f"{i:06d}" for i in range(48))
+
+
+def test_lazy_tiles_give_the_same_batches_and_resume_exactly(vqa, tok, uninterrupted):
+    assert [as_bytes(b) for b in vlm_loader(vqa, tok, lazy=True)] == uninterrupted
+    loader = vlm_loader(vqa, tok, lazy=True)
+    it = iter(loader)
+    first = [as_bytes(next(it)) for _ in range(4)]
+    state = json.loads(json.dumps(loader.state_dict()))
+    it.close()
+    fresh = vlm_loader(vqa, tok, lazy=True)
+    fresh.load_state_dict(state)
+    assert first + [as_bytes(b) for b in fresh] == uninterrupted
 
 
 def test_resume_with_mixing_shuffle_tiles_tokenize_and_pack(tmp_path):

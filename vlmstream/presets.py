@@ -60,7 +60,8 @@ def nanovlm(tokenizer: str | Tokenizer, *, batch_size: int, seq_len: int = 4096,
     ``lm_max_length`` / ``max_sample_length`` 4096, 4 images a sample, 18 a packed sequence).
 
     Images: Pillow's RGB conversion (alpha dropped), decoded whole (no JPEG draft), resized by Pillow, tiles as
-    float, the global view by torch's bilinear filter. Samples: those of ``max_sample_length`` tokens or more, or with more than
+    float, the global view by torch's bilinear filter; with ``pack``, decoded lazily (the pack buffer holds
+    compressed images). Samples: those of ``max_sample_length`` tokens or more, or with more than
     ``max_images_per_example`` images, are dropped and counted (``tokenize().stats``). Packing: each sample
     followed by an unattended pad token, at most ``max_images_per_knapsack`` images a sequence; which samples
     share a sequence is vlmstream's first-fit decreasing (deterministic and resumable), not nanoVLM's randomised
@@ -72,7 +73,7 @@ def nanovlm(tokenizer: str | Tokenizer, *, batch_size: int, seq_len: int = 4096,
     tiles = ImageTiles(tile, max_side, to_max_side=True, rounding=rounding, view="torch", output="float", draft=False,
                        kernel="pillow")
     max_len = min(max_sample_length - 1, seq_len - 1) if pack else seq_len  # a packed sample brings its pad token
-    stages: list[Any] = [decode(tiles, rgb="pillow", on_error=on_error),
+    stages: list[Any] = [decode(tiles, rgb="pillow", lazy=pack, on_error=on_error),  # pixels made as rows leave
                          tokenize(tok, max_len=max_len, max_images=max_images_per_example, on_error=on_error)]
     if pack:
         stages.append(pack_stage(seq_len, max_images=max_images_per_knapsack, buffer=pack_buffer, trailing_sep=True,

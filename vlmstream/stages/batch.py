@@ -6,6 +6,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .decode import materialize
+
 
 def vlm_collate(samples: Sequence[dict[str, Any]], padding: str = "left", pad_to: int | None = None) -> dict[str, Any]:
     """The batch contract of a nanoVLM-style loop: input_ids, attention_mask, labels [B, L] int64, padded
@@ -144,11 +146,20 @@ class batch:
         self.empty = ctx.memory.empty if ctx.memory is not None else None
 
     def collate(self, samples: Sequence[Any]) -> Any:
+        if isinstance(samples[0], dict) and "images" in samples[0]:  # lazy tiles (decode(lazy=True)): made now
+            samples = [m for m in map(materialize, samples) if m is not None]
+            if not samples:
+                return None
         if self.user_collate is not None:
             return self.user_collate(samples)
         if isinstance(samples[0], dict) and "input_ids" in samples[0] and "__pad_id__" in samples[0]:
             return vlm_collate(samples, self.padding, self.pad_to)
         return default_collate(samples, self.empty)
+
+    def _collated(self, samples: Sequence[Any]) -> Iterator[Any]:
+        out = self.collate(samples)
+        if out is not None:  # None: every sample's image failed to decode, skipped under decode's on_error
+            yield out
 
     def _collates_by_rows(self, first: Any) -> bool:
         return (self.user_collate is None and isinstance(first, dict)
@@ -169,7 +180,7 @@ class batch:
                 continue
             buf.append(x)
             if len(buf) == self.n:
-                yield self.collate(buf)
+                yield from self._collated(buf)
                 buf = []
         left = rows.count if rows is not None else len(buf)
         if left:
@@ -178,4 +189,4 @@ class batch:
             elif rows is not None:
                 yield rows.finish()
             else:
-                yield self.collate(buf)
+                yield from self._collated(buf)

@@ -90,6 +90,63 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def image_size(data: bytes, max_pixels: int | None = None) -> tuple[int, int]:
+    """An image's (width, height) as displayed (EXIF rotations applied), from its header alone; refuses what
+    `open_image` would refuse before decoding (an unreadable header, a decompression bomb)."""
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise DecodeError(f"image exceeds the limit of decodable pixels: {e}", reason="decompression_bomb") from None
+    if max_pixels is not None and im.width * im.height > max_pixels:
+        raise DecodeError(f"image of {im.width}x{im.height} pixels exceeds the limit of {max_pixels}",
+                          reason="decompression_bomb")
+    orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+    return (im.height, im.width) if orientation in (5, 6, 7, 8) else im.size
+
+
+class LazyTiles:
+    """An image's tiles, not made yet: the grid (read from the image's header) is all that tokenizing and
+    packing need, so a buffer that only plans holds the compressed bytes, not megabytes of pixels. ``pixels``
+    makes them (the same as the eager decode would have); `materialize` does so for a sample when it leaves the
+    last buffer. A failure then is handled by the decode stage's ``on_error``, through ``fail``."""
+
+    __slots__ = ("grid", "_make", "_fail")
+
+    def __init__(self, grid: tuple[int, int], make: Callable[[], Any], fail: Callable[[DecodeError], None]):
+        self.grid, self._make, self._fail = grid, make, fail
+
+    @property
+    def has_global(self) -> bool:
+        return self.grid != (1, 1)
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        tiles = self._make()
+        return tiles.pixels
+
+    def fail(self, error: DecodeError) -> None:
+        self._fail(error)
+
+
+def materialize(sample: dict[str, Any]) -> dict[str, Any] | None:
+    """A tokenized sample with its lazy ``images`` made into tensors; None where one fails and decode's
+    ``on_error`` skips it (counted in decode's stats), which raises under "raise"."""
+    images = sample.get("images")
+    if not images or not any(isinstance(x, LazyTiles) for x in images):
+        return sample
+    made = []
+    for x in images:
+        if not isinstance(x, LazyTiles):
+            made.append(x)
+            continue
+        try:
+            made.append(x.pixels)
+        except DecodeError as e:
+            x.fail(e)
+            return None
+    return {**sample, "images": made}
+
+
 def _arrow_pixels(im: Image.Image) -> torch.Tensor:
     w, h = im.size
     flat = torch.from_dlpack(pa.array(im).values)  # Pillow's own pixel memory (Arrow export), not a copy
@@ -333,7 +390,11 @@ class decode:
     (``.pyd``, ``.pickle``, ``.pkl``, ``.pth``, ``.pt``) are never unpickled, since unpickling runs code chosen by
     whoever wrote the shard, unless ``unsafe_pickle=True`` is given by name. ``max_pixels`` refuses decompression
     bombs before decoding. ``rgb``: how images in other modes become RGB ("white": transparency on white, 16-bit
-    scaled; "pillow": Pillow's convert, as nanoVLM; see `open_image`). ``on_error``: "raise" a `DecodeError`
+    scaled; "pillow": Pillow's convert, as nanoVLM; see `open_image`). ``lazy=True`` (with `ImageTiles`): images
+    become `LazyTiles`, their grid read from the header (enough to tokenize and pack), their pixels made when the
+    pack or batch stage emits the sample, so that a pack buffer holds compressed bytes, not tiles; a corrupt image
+    whose header reads is then found there and handled by this stage's ``on_error``. ``on_error``: "raise" a
+    `DecodeError`
     naming shard, key, member and reason, or "skip" the sample (and "warn": also log it), counted in
     ``stats.skipped`` by reason.
 
@@ -350,7 +411,7 @@ class decode:
     def __init__(self, image: str | ImageTransform | None = "pil", *, json: bool = True, txt: bool = True,
                  max_pixels: int | None = 178_956_970, on_error: str = "raise", unsafe_pickle: bool = False,
                  group: int = 8, rgb: str = "white",
-                 others: bool = True, max_member_bytes: int | None = 1 << 30):
+                 others: bool = True, max_member_bytes: int | None = 1 << 30, lazy: bool = False):
         if group < 1:
             raise ValueError(f"group must be >= 1, not {group}")
         if rgb not in RGB_MODES:
@@ -362,6 +423,11 @@ class decode:
             image = _OUTPUTS[image]
         self.image, self.json, self.txt, self.max_pixels = image, json, txt, max_pixels
         self.draft = getattr(image, "draft_size", None)  # (w, h) of the stored image -> smallest usable size
+        grid_for = getattr(image, "grid_for", None)  # (w, h) -> the tile grid, known without decoding
+        if lazy and grid_for is None:
+            raise ValueError("lazy=True needs an image transform that knows its grid from the image's size "
+                             "(vs.ImageTiles)")
+        self.grid_for = grid_for if lazy else None
         self.on_error = check_policy(on_error)
         self.unsafe_pickle = unsafe_pickle is True
         self.group = group
@@ -373,11 +439,13 @@ class decode:
             Image.preinit()  # pipeline, DataLoader workers inherit them instead of importing them again on their first
             Image.init()  # image of every epoch (about 0.1 s each, measured)
 
-    def _member(self, key: str, value: bytes) -> Any:
+    def _member(self, key: str, value: bytes, sample: Mapping[str, Any] | None = None) -> Any:
         if ("." + key).endswith(".gz"):  # webdataset's test, case and all: "txt.gz" holds a "txt"
             key, value = key[:-3], gunzip(value, self.max_member_bytes)
         ext = key.rsplit(".", 1)[-1]
         if self.image is not None and is_image_ext(key):
+            if self.grid_for is not None:
+                return self._lazy(sample or {}, key, value, self.grid_for(*image_size(value, self.max_pixels)))
             return self.image(open_image(value, self.draft, self.max_pixels, self.rgb))
         if self.json and ext in JSON_EXTS:
             return json.loads(value)
@@ -400,12 +468,32 @@ class decode:
             if images is not None and (self.image is not None and is_image_ext(key)) != images:
                 continue
             try:
-                out[key] = self._member(key, value)
+                out[key] = self._member(key, value, sample)
             except Exception as e:
-                raise DecodeError(
-                    f"{redact(str(sample.get('__url__', '?')))}: sample {sample.get('__key__', '?')!r} "
-                    f"member {key!r}: {type(e).__name__}: {e}", reason=_reason(e, key)
-                ) from None
+                raise self._error(sample, key, e) from None
+
+    def _error(self, sample: Mapping[str, Any], key: str, e: Exception) -> DecodeError:
+        return DecodeError(f"{redact(str(sample.get('__url__', '?')))}: sample {sample.get('__key__', '?')!r} "
+                           f"member {key!r}: {type(e).__name__}: {e}", reason=_reason(e, key))
+
+    def _lazy(self, sample: Mapping[str, Any], key: str, value: bytes, grid: tuple[int, int]) -> LazyTiles:
+        """Tiles made when asked for, as the eager decode makes them; errors name the sample as its would."""
+        image, draft, max_pixels, rgb, stats = self.image, self.draft, self.max_pixels, self.rgb, self.stats
+        where = {k: sample[k] for k in ("__url__", "__key__") if k in sample}
+
+        def make() -> Any:
+            try:
+                tiles = image(open_image(value, draft, max_pixels, rgb))
+            except Exception as e:
+                raise self._error(where, key, e) from None
+            if tiles.grid != grid:  # the tokens were laid out for the header's grid: a mismatch would misalign them
+                raise self._error(where, key, ValueError(f"decoded to a {tiles.grid} grid, its header said {grid}"))
+            return tiles
+
+        def fail(e: DecodeError) -> None:
+            handle(self.on_error, e, stats, "decode")
+
+        return LazyTiles(grid, make, fail)
 
     def decode_sample(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(sample)

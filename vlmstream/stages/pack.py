@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..core.checkpoint import encode_refs
+from .decode import materialize
 from .tokenize import IGNORE
 
 
@@ -99,6 +100,9 @@ class pack:
     ``sep_id``: the separator token (default: the tokenizer's pad id carried by each sample).
     ``trailing_sep`` / ``attend_sep``: nanoVLM follows every sample with a pad token its attention mask leaves
     out (``trailing_sep=True, attend_sep=False``); by default samples are joined by one attended separator.
+    The buffer only plans, so it holds lazily decoded images (`LazyTiles`: their grid, their compressed bytes);
+    their pixels are made as a sequence is emitted. A sample whose image then fails to decode leaves its
+    sequence under decode's ``on_error`` (counted there), or raises.
 
     Its state is the samples waiting to be packed and the bins planned but not yet emitted, as references.
     """
@@ -130,7 +134,9 @@ class pack:
 
     def _drain(self) -> Iterator[dict[str, Any]]:
         while self.ready:
-            group = self.ready.pop(0)
+            group = [m for m in map(materialize, self.ready.pop(0)) if m is not None]  # lazy tiles made now
+            if not group:  # every sample of the bin failed to decode, skipped under decode's on_error
+                continue
             out = concat(group, self.sep_id if self.sep_id is not None else group[0]["__pad_id__"],
                          trailing_sep=self.trailing_sep, attend_sep=self.attend_sep)
             self.stats.samples += len(group)

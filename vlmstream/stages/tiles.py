@@ -128,7 +128,8 @@ class ImageTiles:
         return tiled_size(width, height, self.tile, self.max_side, self.to_max_side, self.rounding)
 
     def grid_for(self, width: int, height: int) -> tuple[int, int]:
-        """The (rows, cols) grid of an image of this stored size, without decoding it."""
+        """The (rows, cols) grid of an image of this size (as displayed), known without decoding it: what
+        `vs.decode(lazy=True)` reads from the header."""
         return grid_of(*self.size_for(width, height), self.tile)
 
     def draft_size(self, width: int, height: int) -> tuple[int, int] | None:

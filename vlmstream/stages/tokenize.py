@@ -18,6 +18,7 @@ from tokenizers import AddedToken, Tokenizer
 
 from ..dataset.format import EMPTY_CAPTION, IMAGE_PLACEHOLDER, conversation_from_sample
 from ..errors import ErrorCounts, FormatError, check_policy, handle, redact
+from .decode import LazyTiles
 from .tiles import Tiles, num_tiles
 
 IGNORE = -100
@@ -237,7 +238,8 @@ class TokenizeStats(ErrorCounts):
 class tokenize:
     """The stage: decoded samples (conversation json, images as `Tiles`) -> training samples.
 
-    Out: ``input_ids``, ``labels`` (int64 [L]), ``images`` (list of [n_tiles, 3, H, W]), ``__key__`` etc., and
+    Out: ``input_ids``, ``labels`` (int64 [L]), ``images`` (list of [n_tiles, 3, H, W], or of `LazyTiles` that
+    the pack or batch stage makes when it emits the sample), ``__key__`` etc., and
     ``__pad_id__`` for the batch stage. A sample longer than ``max_len`` is dropped (``overflow="drop"``) or
     cut (``"truncate"``, never through an image); a sample left with no answer token, with more images than
     ``max_images``, or a caption sample with an empty caption, is dropped; all are counted in ``stats``.
@@ -288,7 +290,7 @@ class tokenize:
         out.update(
             input_ids=torch.tensor(enc.input_ids, dtype=torch.long),
             labels=torch.tensor(labels, dtype=torch.long),
-            images=[t.pixels for t in tiles],
+            images=[t if isinstance(t, LazyTiles) else t.pixels for t in tiles],  # lazy ones: made when emitted
             __pad_id__=self.tok.pad_id,
         )
         return out
@@ -313,8 +315,8 @@ def _where(sample: Mapping[str, Any]) -> str:
     return f"{redact(str(sample.get('__url__', '?')))}: sample {sample.get('__key__', '?')!r}"
 
 
-def _as_tiles(value: Any, sample: Mapping[str, Any], ext: str) -> Tiles:
-    if isinstance(value, Tiles):
+def _as_tiles(value: Any, sample: Mapping[str, Any], ext: str) -> Tiles | LazyTiles:
+    if isinstance(value, (Tiles, LazyTiles)):
         return value
     if isinstance(value, torch.Tensor) and value.dim() == 3:  # one whole image, e.g. from vs.Resize
         return Tiles(value[None], (1, 1))
