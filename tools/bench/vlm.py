@@ -14,7 +14,7 @@ The job, as a user writes it (nanoVLM's sizes: tiles of 512, the long side taken
 becomes 2048x1536, 4x3 tiles plus a global view: 13 tiles, 13 x 65 = 845 tokens):
 
     vs.shards(index.json), vs.split_by_node(0, 1), vs.split_by_worker(), vs.fetch(), vs.tar_samples(),
-    vs.decode(vs.ImageTiles(512, 2048, output=uint8|float)), vs.tokenize(tok, max_len=4096),
+    vs.decode(vs.ImageTiles(512, 2048, output=uint8|float), lazy=True), vs.tokenize(tok, max_len=4096),
     vs.pack(4096, max_images=18, buffer=--pack-buffer), vs.batch(8)
 
 Contenders, each run in a process of its own below this one (so that each has its own peak RSS, per process),
@@ -73,7 +73,7 @@ from vlmstream.cli.bench import _proc_kb, descendants, machine, machine_line  # 
 from vlmstream.stages.tokenize import ChatTokenizer  # noqa: E402
 
 SEQ_LEN, MAX_IMAGES, BATCH, TILE, MAX_SIDE, RUN = 4096, 18, 8, 512, 2048, 64
-PACK_BUFFER = 32  # samples: decoded tiles wait in it (41 MB of float tiles a photo)
+PACK_BUFFER = 256  # samples, as the nanoVLM preset: with decode(lazy=True) it holds compressed images, not tiles
 NANOVLM = os.path.normpath(os.path.join(ROOT, "..", "shared", "nanovlm"))
 CONTENDERS = ("vlmstream", "vlmstream_w1", "preset", "nanovlm", "limit", "limit_w1", "limit_vs")
 RESULT = "@@vlm-bench@@ "  # a child's last line: its figures as JSON
@@ -88,7 +88,8 @@ def reader(index: str) -> list[Any]:
 
 def stages(index: str, tok: ChatTokenizer, output: str, pack_buffer: int = PACK_BUFFER) -> list[Callable[[Iterator[Any]], Iterator[Any]]]:
     """The VLM job's stages; the first five read (shards .. tar_samples)."""
-    return [*reader(index), vs.decode(vs.ImageTiles(tile=TILE, max_side=MAX_SIDE, output=output)),
+    tiles = vs.ImageTiles(tile=TILE, max_side=MAX_SIDE, output=output)
+    return [*reader(index), vs.decode(tiles, lazy=True),  # pixels made as pack emits a sequence
             vs.tokenize(tok, max_len=SEQ_LEN), vs.pack(SEQ_LEN, max_images=MAX_IMAGES, buffer=pack_buffer),
             vs.batch(BATCH)]
 
