@@ -170,7 +170,8 @@ def run_vlmstream(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         tok = vlm_tokenizer(spec["workdir"], RUN)
         chain = stages(index, tok, spec["output"], spec["pack_buffer"])
-    return time_loader(lambda: vs.Loader(vs.Pipeline(*chain, rank=0, world_size=1), num_workers=w), tok)
+    kw = {"prefetch_factor": spec["prefetch"]} if spec.get("prefetch") and w else {}
+    return time_loader(lambda: vs.Loader(vs.Pipeline(*chain, rank=0, world_size=1), num_workers=w, **kw), tok)
 
 
 def sample_images(index: str, n: int) -> list[bytes]:
@@ -421,7 +422,7 @@ def run_nanovlm(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def contender_specs(args: argparse.Namespace, index: str, parquet: list[str] | None, env: Any) -> dict[str, dict[str, Any]]:
-    base = {"index": index, "workdir": args.workdir, "pack_buffer": args.pack_buffer}
+    base = {"index": index, "workdir": args.workdir, "pack_buffer": args.pack_buffer, "prefetch": args.prefetch}
     specs: dict[str, dict[str, Any]] = {}
     for out in args.outputs:
         for w, name in ((args.workers, "vlmstream"), (1, "vlmstream_w1")):
@@ -567,6 +568,7 @@ def main() -> None:
     ap.add_argument("--outputs", nargs="+", choices=("uint8", "float"), default=["uint8", "float"])
     ap.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     ap.add_argument("--pack-buffer", type=int, default=PACK_BUFFER, help="vs.pack's buffer (samples)")
+    ap.add_argument("--prefetch", type=int, help="the DataLoader's prefetch_factor (default: vs.Loader's, 2)")
     ap.add_argument("--limit-samples", type=int, default=500, help="samples whose images the limits decode")
     ap.add_argument("--breakdown", type=int, default=100, metavar="N",
                     help="time ImageTiles' steps apart on the images of the first N samples (0: skip)")
