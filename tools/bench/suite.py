@@ -14,7 +14,9 @@ Sections (each one a block of docs/BENCHMARKS.md between ``<!-- vlmstream-bench:
             vlmstream on the same shards as local files, Hugging Face ``datasets`` streaming the same samples
             as local Parquet files, and the bare decode limit with and without JPEG draft decoding
             (the contenders of tools/bench/pipeline.py, plus the two local ones)
-  vlm       the VLM job: tiles, tokenize, pack, batch (tools/bench/vlm.py; reported as missing if it fails)
+  vlm       the VLM job: tiles, tokenize, pack, batch through vs.Loader with 1 and 2 workers, tiles as uint8 and
+            float, beside its decode limit, the nanoVLM preset and nanoVLM's own data path (../shared/nanovlm;
+            skipped with a note without it) (tools/bench/vlm.py; reported as missing if it fails)
   startup   time to the first batch and requests before it (from the 224 runs), and resuming from a
             checkpoint against replaying (tools/bench/resume.py)
   memory    peak RSS over N and 10N shards (tools/bench/pipeline.py --memory)
