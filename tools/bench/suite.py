@@ -301,7 +301,9 @@ def md_vlm(r: dict[str, Any]) -> str:
              f" MiB as uint8, {c['tiles'] / c['batches'] * 12 * 512 * 512 / 2**20:,.0f} as float); pack fill "
              f"{c['fill']:.1%}. {r['rounds']} round{'s' * (r['rounds'] != 1)}, contenders interleaved; each "
              "contender a process of its own, its peak RSS per process (VmHWM). CPU time: the process and its "
-             "workers (user + system).", "",
+             "workers (user + system)."
+             + (f" The decode limits time the images of the first {r['limit_samples']:,} samples, held in memory."
+                if r.get("limit_samples") else ""), "",
              "| contender | samples/s | tokens/s | image tokens/s | CPU ms/sample | first batch | pack fill | "
              "peak RSS MiB: main; workers |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, x in rows.items():
