@@ -13,7 +13,9 @@ AZURITE_BIN := $(VENV)/npm/node_modules/.bin/azurite-blob
 
 # nanoVLM's data path for tests/test_presets.py (run by tests/nanovlm_ref.py in its own process): transformers 4.x
 # (under 5 nanoVLM's label mask breaks) with the hub client and tokenizers it asks for, and torchvision's pure-Python
-# transforms (its wheel's C++ operators do not load beside this torch; nanovlm_ref.py says how it does without).
+# transforms (its wheel's C++ operators do not load beside this torch; nanovlm_ref.py says how it does without);
+# and a Hugging Face datasets that works with that hub client, for the VLM benchmark's nanoVLM contender
+# (tools/bench/nanovlm_run.py; pyarrow, pandas and the rest come from the main environment).
 NANOVLM_ENV := $(VENV)/nanovlm
 NANOVLM_STAMP := $(NANOVLM_ENV)/.installed-stamp
 
@@ -64,6 +66,8 @@ $(NANOVLM_STAMP): $(STAMP)
 	rm -rf $(NANOVLM_ENV)
 	$(BIN)/pip install -q --no-warn-conflicts --target $(NANOVLM_ENV)/deps 'transformers>=4.48,<5' einops
 	$(BIN)/pip install -q --no-deps --target $(NANOVLM_ENV)/torchvision 'torchvision>=0.17,<1'
+	$(BIN)/pip install -q --no-deps --target $(NANOVLM_ENV)/datasets 'datasets>=4,<5' 'fsspec>=2023.1,<=2026.2.0' \
+	  'httpx<1' httpcore anyio h11 sniffio
 	touch $@
 
 $(PEERS_STAMP): $(STAMP)

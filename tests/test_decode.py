@@ -1,5 +1,6 @@
 """decode: only what is asked, any image mode to RGB, EXIF orientation, draft JPEG decoding, clear errors."""
 
+import gc
 import gzip
 import io
 import json
@@ -448,3 +449,35 @@ def test_the_pack_buffer_holds_compressed_images_and_a_corrupt_one_is_handled_wh
     assert "sample '005' member '0.jpg'" in decode.stats.errors[0]
     with pytest.raises(vs.DecodeError, match="http://h/s.tar: sample '005' member '0.jpg'"):
         list(_vlm_chain(samples, "raise", tok))
+
+
+def test_lazy_tiles_are_made_in_the_segment_the_batch_leaves_in_and_ship_as_the_eager_ones(photo):
+    from vlm_data import chat_tokenizer
+
+    from vlmstream.core.sharedmem import SHM_KEY, Returns, SegmentPool
+    from vlmstream.core.stage import Context
+
+    tok = chat_tokenizer(image_token_length=4)
+    conv = json.dumps({"messages": [{"role": "user", "content": "<image>what?"},
+                                    {"role": "assistant", "content": "yes"}], "images": ["0.jpg"]}).encode()
+    samples = [{"__key__": f"{i:03d}", "json": conv, "0.jpg": jpeg(photo)} for i in range(12)]
+
+    def chain(lazy: bool) -> vs.Pipeline:  # a sample a row, two rows a batch: six batches
+        return vs.Pipeline(lambda _: iter(samples), vs.decode(vs.ImageTiles(32, 64), lazy=lazy),
+                           vs.tokenize(tok, 64), vs.pack(64, buffer=4), vs.batch(2))
+
+    eager, lazy = chain(False), chain(True)
+    returns = Returns(1)
+    pool = SegmentPool(returns.readers[0])
+    in_segment = []
+    for want, got in zip(eager, lazy.iterate(Context(), memory=pool)):
+        images = [t for row in got["images"] for t in row]
+        segments = {s.data_ptr() for s in pool.segments.values()}
+        in_segment.append(all(t.untyped_storage().data_ptr() in segments for t in images))
+        shipped = returns.unpack(pool.by_reference(got), 0)
+        assert SHM_KEY not in shipped and shipped["__key__"] == want["__key__"]
+        assert all(torch.equal(a, b) for ra, rb in zip(shipped["images"], want["images"]) for a, b in zip(ra, rb))
+        del got, shipped, images
+        gc.collect()  # the segment goes back: the next batch is made in it
+    assert len(in_segment) >= 3 and not in_segment[0] and all(in_segment[1:])  # the first one sizes the segment
+    assert not vs.batch(2, collate=list).passes_tensors  # a collate of its own may copy: pack is not given memory

@@ -148,6 +148,20 @@ def test_the_last_stage_makes_the_next_batch_in_the_segment_it_leaves_in():
     assert pool.allocated == 1
 
 
+def test_a_batch_somewhat_larger_than_the_last_is_still_made_in_place():
+    # VLM batches vary in size with their tiles: a recycled segment has room for a quarter more than its batch
+    returns = Returns(1)
+    pool = SegmentPool(returns.readers[0])
+    _round_trip(pool, returns, {"x": torch.zeros(1000)})
+    gc.collect()
+    (slot, segment), = pool.segments.items()
+    bigger = pool.empty((1200,), torch.float32)
+    bigger.fill_(5)
+    assert bigger.untyped_storage().data_ptr() == segment.data_ptr()  # made in place, in the recycled segment
+    out, shipment = _round_trip(pool, returns, {"x": bigger})
+    assert shipment[0] == slot and (out["x"] == 5).all() and pool.allocated == 1
+
+
 def test_memory_made_in_place_but_not_shipped_is_never_refilled():
     returns = Returns(1)
     pool = SegmentPool(returns.readers[0])

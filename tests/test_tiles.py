@@ -54,7 +54,7 @@ def test_torch_view_is_torchs_bilinear_of_the_float_image():
 
 def test_tiles_are_row_major_crops_after_a_global_view():
     arr = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
-    t = vs.ImageTiles(tile=32, max_side=96, output="uint8")(Image.fromarray(arr))
+    t = vs.ImageTiles(tile=32, max_side=96, output="uint8", kernel="pillow")(Image.fromarray(arr))
     assert t.grid == (2, 3) and t.pixels.shape == (7, 3, 32, 32) and t.pixels.dtype == torch.uint8
     for k in range(6):
         r, c = divmod(k, 3)
@@ -98,12 +98,57 @@ def test_draft_decoding_for_tiles_covers_the_target(tmp_path):
     assert (sample["0.jpg"].pixels.float() - full["0.jpg"].pixels.float()).abs().mean() < 3
 
 
+def pillow_tiles(im: Image.Image, tile: int, wh: tuple[int, int], view_from: Image.Image) -> np.ndarray:
+    """The global view (Pillow's bicubic of `view_from`) then the tiles of Pillow's bicubic resize to wh."""
+    resized = im.resize(wh, Image.BICUBIC)
+    return np.concatenate([np.asarray((view_from or resized).resize((tile, tile), Image.BICUBIC)).transpose(2, 0, 1)[None],
+                           cut_tiles(np.asarray(resized), tile)])
+
+
 def test_tiles_of_a_resized_image_are_its_crops_and_its_global_view():
-    im = Image.fromarray(np.random.default_rng(2).integers(0, 256, (50, 70, 3), dtype=np.uint8))
-    t = vs.ImageTiles(tile=32, max_side=96, output="uint8")
-    w, h = t.size_for(*im.size)
-    resized = im.resize((w, h), Image.BICUBIC)
-    want = np.concatenate([np.asarray(resized.resize((32, 32), Image.BICUBIC)).transpose(2, 0, 1)[None],
-                           cut_tiles(np.asarray(resized), 32)])
-    got = t(im).pixels
-    assert (w, h) == (96, 96) and got.shape == (10, 3, 32, 32) and got.is_contiguous() and torch.equal(got, torch.from_numpy(want))
+    # upscaled (nanoVLM's default takes the long side to max_side): the view is made from the decoded image,
+    # which has fewer pixels; downscaled: from the resized image
+    small = Image.fromarray(np.random.default_rng(2).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    large = Image.fromarray(np.random.default_rng(3).integers(0, 256, (150, 210, 3), dtype=np.uint8))
+    for im, view_from in ((small, small), (large, None)):
+        for output in ("uint8", "float"):
+            t = vs.ImageTiles(tile=32, max_side=96, output=output, kernel="pillow")
+            w, h = t.size_for(*im.size)
+            want = torch.from_numpy(pillow_tiles(im, 32, (w, h), view_from))
+            got = t(im).pixels
+            assert (w, h) == (96, 96) and got.shape == (10, 3, 32, 32) and got.is_contiguous()
+            assert torch.equal(got, want if output == "uint8" else want.float().div(255)), (im.size, output)
+
+
+def test_torchs_kernels_agree_with_pillows():
+    # kernel="auto": torch's antialiased uint8 bicubic where it is vectorised, within 2 levels of Pillow's
+    from vlmstream.stages.decode import _FAST_UINT8_RESIZE
+
+    photo = np.asarray(Image.fromarray(__import__("skimage").data.astronaut()).resize((640, 480)))
+    for arr in (photo, np.random.default_rng(4).integers(0, 256, (50, 70, 3), dtype=np.uint8)):
+        im = Image.fromarray(arr)
+        for tile, max_side in ((32, 96), (128, 512)):
+            auto = vs.ImageTiles(tile=tile, max_side=max_side, output="uint8")(im).pixels
+            exact = vs.ImageTiles(tile=tile, max_side=max_side, output="uint8", kernel="pillow")(im).pixels
+            diff = (auto.int() - exact.int()).abs()
+            assert auto.shape == exact.shape and diff.max() <= 2 and diff.float().mean() < 0.01
+            assert torch.equal(vs.ImageTiles(tile=tile, max_side=max_side)(im).pixels, auto.float().div(255))
+            if not _FAST_UINT8_RESIZE:
+                assert torch.equal(auto, exact)
+    with pytest.raises(ValueError, match="kernel"):
+        vs.ImageTiles(kernel="simd")
+
+
+def test_tiles_made_in_given_memory():
+    im = Image.fromarray(np.random.default_rng(5).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    made = []
+
+    def empty(shape, dtype):
+        made.append(torch.full(shape, 7, dtype=dtype))
+        return made[-1]
+
+    for kw in ({"output": "uint8"}, {"output": "float"}, {"view": "torch"}):
+        t = vs.ImageTiles(tile=32, max_side=96, **kw)
+        got = t.tiles(im, empty)
+        assert got.pixels.data_ptr() == made[-1].data_ptr() and torch.equal(got.pixels, t(im).pixels)
+        assert got.grid == t.grid_for(*im.size) == (3, 3)

@@ -59,8 +59,9 @@ def nanovlm(tokenizer: str | Tokenizer, *, batch_size: int, seq_len: int = 4096,
     (``vit_img_size`` 512, ``max_img_size`` 2048 with ``resize_to_max_side_len``, ``mp_image_token_length`` 64,
     ``lm_max_length`` / ``max_sample_length`` 4096, 4 images a sample, 18 a packed sequence).
 
-    Images: Pillow's RGB conversion (alpha dropped), decoded whole (no JPEG draft), tiles as float, the global
-    view by torch's bilinear filter; with ``pack``, decoded lazily (the pack buffer holds compressed images). Samples: those of ``max_sample_length`` tokens or more, or with more than
+    Images: Pillow's RGB conversion (alpha dropped), decoded whole (no JPEG draft), resized by Pillow, tiles as
+    float, the global view by torch's bilinear filter; with ``pack``, decoded lazily (the pack buffer holds
+    compressed images). Samples: those of ``max_sample_length`` tokens or more, or with more than
     ``max_images_per_example`` images, are dropped and counted (``tokenize().stats``). Packing: each sample
     followed by an unattended pad token, at most ``max_images_per_knapsack`` images a sequence; which samples
     share a sequence is vlmstream's first-fit decreasing (deterministic and resumable), not nanoVLM's randomised
@@ -69,7 +70,8 @@ def nanovlm(tokenizer: str | Tokenizer, *, batch_size: int, seq_len: int = 4096,
     longer than it should be); the default computes the grid exactly, which differs for a few sizes.
     """
     tok = nanovlm_tokenizer(tokenizer, image_token_length=image_token_length, pad_token=pad_token)
-    tiles = ImageTiles(tile, max_side, to_max_side=True, rounding=rounding, view="torch", output="float", draft=False)
+    tiles = ImageTiles(tile, max_side, to_max_side=True, rounding=rounding, view="torch", output="float", draft=False,
+                       kernel="pillow")
     max_len = min(max_sample_length - 1, seq_len - 1) if pack else seq_len  # a packed sample brings its pad token
     stages: list[Any] = [decode(tiles, rgb="pillow", lazy=pack, on_error=on_error),  # pixels made as rows leave
                          tokenize(tok, max_len=max_len, max_images=max_images_per_example, on_error=on_error)]

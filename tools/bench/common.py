@@ -226,25 +226,91 @@ def _conversation(rng: np.random.Generator, turns: list[list[tuple[str, str]]]) 
     return Conversation(messages, [IMAGE_KEY])
 
 
-def _encode_sample(index: int) -> bytes:
+def _multi_conversation(rng: np.random.Generator, turns: list[list[tuple[str, str]]], multi: float) -> Conversation:
+    """FineVision-like: 1 image, or 2-3 for a share ``multi`` of the samples, all before the first question (where
+    nanoVLM puts them), then 2-6 question/answer turns; no system turn (nanoVLM's dataset format has none)."""
+    k = int(rng.integers(2, 4)) if rng.random() < multi else 1
+    qa = turns[rng.integers(len(turns))]
+    n = int(min(len(qa), rng.integers(2, 7)))
+    picked = [qa[j] for j in sorted(rng.choice(len(qa), size=n, replace=False))]
+    messages = []
+    for t, (q, a) in enumerate(picked):
+        messages += [{"role": "user", "content": ("<image>" * k if t == 0 else "") + q},
+                     {"role": "assistant", "content": a}]
+    return Conversation(messages, [f"{i}.jpg" for i in range(k)])
+
+
+def _encode_sample(job: tuple[int, float]) -> bytes:
     """One sample's tar bytes; seeded by its index, so the corpus is the same whatever the process count."""
-    rng = np.random.default_rng([4, index])
-    conv = _conversation(rng, _WORKER["turns"])
-    return sample_bytes(sample_key(index), sample_members(conv, [jpeg(rng, _WORKER["photos"])]))
+    index, multi = job
+    if not multi:  # the corpus of earlier runs, byte for byte
+        rng = np.random.default_rng([4, index])
+        conv = _conversation(rng, _WORKER["turns"])
+    else:
+        rng = np.random.default_rng([5, index])
+        conv = _multi_conversation(rng, _WORKER["turns"], multi)
+    return sample_bytes(sample_key(index), sample_members(conv, [jpeg(rng, _WORKER["photos"]) for _ in conv.images]))
 
 
-def build_vlm_corpus(workdir: str, shards: int, per_shard: int) -> str:
-    """The VLM corpus's manifest path, building the shards (two processes encode, one writes) the first time."""
-    folder = os.path.join(workdir, f"vlm-{shards}x{per_shard}")
+def vlm_corpus_folder(workdir: str, shards: int, per_shard: int, multi: float = 0.0) -> str:
+    return os.path.join(workdir, f"vlm-{shards}x{per_shard}" + (f"-multi{round(100 * multi)}" if multi else ""))
+
+
+def build_vlm_corpus(workdir: str, shards: int, per_shard: int, multi: float = 0.0) -> str:
+    """The VLM corpus's manifest path, building the shards (two processes encode, one writes) the first time.
+
+    ``multi=0``: one photo a sample, a quarter of the conversations opening with a system turn (the corpus of
+    earlier runs). ``multi > 0``: a share ``multi`` of the samples holds 2-3 photos, every image before the first
+    question and no system turn: samples nanoVLM's dataset format can hold as they are (`write_vlm_parquet`)."""
+    folder = vlm_corpus_folder(workdir, shards, per_shard, multi)
     index = os.path.join(folder, "index.json")
     if os.path.exists(index):
         return index
     print(f"building {shards} shards under {folder} (once) ...", file=sys.stderr)
+    jobs = [(i, multi) for i in range(shards * per_shard)]
     with Pool(2, initializer=_init_worker) as pool, ShardWriter(folder, maxcount=per_shard) as w:
-        for data in pool.imap(_encode_sample, range(shards * per_shard), chunksize=16):
+        for data in pool.imap(_encode_sample, jobs, chunksize=16):
             w.write_encoded(data)
     write_manifest(index, w.shards)
     return index
+
+
+def vlm_shard_paths(index: str) -> list[str]:
+    folder = os.path.dirname(index)
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".tar")]
+
+
+def write_vlm_parquet(index: str) -> list[str]:
+    """The VLM corpus as Parquet in FineVision's columns (``images``: a list of images, ``texts``: a list of
+    {user, assistant}; plus ``key``), one file per shard, written once with Hugging Face datasets' own writer:
+    what nanoVLM's VQADataset reads through ``load_dataset(..., streaming=True)``. The ``<image>`` placeholders
+    leave the text: nanoVLM puts every image's tokens before the first question itself."""
+    from datasets import Dataset, Features, Image, List, Value
+
+    features = Features({"key": Value("string"), "images": List(Image()),
+                         "texts": List({"user": Value("string"), "assistant": Value("string")})})
+    folder = os.path.dirname(index) + "-parquet"
+    os.makedirs(folder, exist_ok=True)
+    out = []
+    for p in vlm_shard_paths(index):
+        dst = os.path.join(folder, os.path.basename(p)[:-4] + ".parquet")
+        if not os.path.exists(dst) or os.path.getmtime(dst) < os.path.getmtime(p):
+            rows: dict[str, list[Any]] = {"key": [], "images": [], "texts": []}
+            with open(p, "rb") as f:
+                for s in read_tar_samples(f, p):
+                    doc = json.loads(s["json"])
+                    msgs = doc["messages"]
+                    if any(m["role"] == "system" for m in msgs) or any("<image>" in m["content"] for m in msgs[1:]):
+                        raise ValueError(f"{s['__key__']}: not in nanoVLM's format (build the corpus with multi > 0)")
+                    texts = [{"user": u["content"].replace("<image>", ""), "assistant": a["content"]}
+                             for u, a in zip(msgs[::2], msgs[1::2])]
+                    rows["key"].append(s["__key__"])
+                    rows["images"].append([{"bytes": s[k], "path": None} for k in doc["images"]])
+                    rows["texts"].append(texts)
+            Dataset.from_dict(rows, features=features).to_parquet(dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
+        out.append(dst)
+    return out
 
 
 def vlm_tokenizer(workdir: str, image_token_length: int = 64) -> Any:

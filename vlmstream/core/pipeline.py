@@ -70,10 +70,12 @@ class Pipeline(torch.utils.data.IterableDataset):
         it: Iterator[Any] = iter(())
         tel = self._telemetry = Telemetry(unique_names(self.stages)) if self.telemetry else None
         last = len(self.stages) - 1
+        if last > 0 and getattr(self.stages[last], "passes_tensors", False):  # vs.batch keeps its rows' tensors:
+            last -= 1  # the stage before it (vs.pack) may make them where they will be shipped from, and it stacks
         for k, stage in enumerate(self.stages):
             bind = getattr(stage, "bind", None)
             if bind is not None:
-                bind(replace(ctx, memory=memory) if memory is not None and k == last else ctx)
+                bind(replace(ctx, memory=memory) if memory is not None and k >= last else ctx)
             run = resume.stage_at(self, k, stage) if resume is not None else stage
             it = run(it)
             if tel is not None:  # bytes are counted where shards become samples

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 ALIGN = 64  # bytes: every tensor in a segment starts on a cache line (and on any dtype's alignment)
+HEADROOM = 4  # a recycled segment is 1/HEADROOM larger than the batch it was made for
 KEEP_FREE = 2  # free segments a worker keeps for reuse (in a steady stream one comes back as each batch is made)
 MAX_IN_FLIGHT = 64  # segments a worker remembers as out: the rest are forgotten (freed when the user frees them)
 SHM_KEY = "__shm__"  # the batch's shipment: where its tensors are in which segment (removed by vs.Loader)
@@ -165,9 +166,11 @@ class SegmentPool:
             self.free.remove(slot)
             return slot, self.segments[slot]
         self.allocated += 1
-        segment = torch.UntypedStorage._new_shared(nbytes)
         if self.returns is None:
-            return -1, segment
+            return -1, torch.UntypedStorage._new_shared(nbytes)
+        # recycled: room for a batch a quarter larger than this one, so that batches of varying size (a VLM batch's
+        # tiles) are made in place in it, not copied into yet another segment whose pages the kernel must zero
+        segment = torch.UntypedStorage._new_shared(_round(nbytes + nbytes // HEADROOM))
         while len(self.free) >= KEEP_FREE:  # none fitted: let the oldest free one go
             self._drop(self.free.pop(0))
         if len(self.segments) - len(self.free) >= MAX_IN_FLIGHT:  # the user keeps batches: stop tracking one

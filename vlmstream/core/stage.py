@@ -51,9 +51,10 @@ class Context:
     num_workers: int = 1
     seed: int = 0
     epoch: int = 0
-    # Given to the last stage only, in a DataLoader worker under vs.Loader: the SegmentPool its outputs leave the
-    # worker through. ``memory.empty(shape, dtype)`` places a tensor where it will be shipped from (vs.batch
-    # stacks there), so that it leaves without a copy.
+    # Given to the last stage only (and to the one before a vs.batch that keeps its rows' tensors: vs.pack), in a
+    # DataLoader worker under vs.Loader: the SegmentPool its outputs leave the worker through.
+    # ``memory.empty(shape, dtype)`` places a tensor where it will be shipped from (vs.batch stacks there, vs.pack
+    # makes lazy images there), so that it leaves without a copy.
     memory: Any = field(default=None, compare=False, repr=False)
 
     @property

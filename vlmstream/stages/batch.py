@@ -141,6 +141,12 @@ class batch:
         self.dropped = 0
         self.empty: Empty | None = None
 
+    @property
+    def passes_tensors(self) -> bool:
+        """Tokenized rows' tensors (their images) go into the batch as they are: the stage before may make them in
+        the shipping memory (`vs.pack` does, for lazy images)."""
+        return self.user_collate is None
+
     def bind(self, ctx: Any) -> None:
         """As the last stage in a DataLoader worker, stack straight into the memory the batch leaves in."""
         self.empty = ctx.memory.empty if ctx.memory is not None else None

@@ -112,7 +112,7 @@ class LazyTiles:
 
     __slots__ = ("grid", "_make", "_fail")
 
-    def __init__(self, grid: tuple[int, int], make: Callable[[], Any], fail: Callable[[DecodeError], None]):
+    def __init__(self, grid: tuple[int, int], make: Callable[[Any], Any], fail: Callable[[DecodeError], None]):
         self.grid, self._make, self._fail = grid, make, fail
 
     @property
@@ -121,16 +121,21 @@ class LazyTiles:
 
     @property
     def pixels(self) -> torch.Tensor:
-        tiles = self._make()
-        return tiles.pixels
+        return self.make()
+
+    def make(self, empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> torch.Tensor:
+        """The pixels, in a tensor made by ``empty(shape, dtype)`` when given (the shared memory the batch leaves
+        the worker in: no copy on the way out) and the image transform takes one (`ImageTiles.tiles`)."""
+        return self._make(empty).pixels
 
     def fail(self, error: DecodeError) -> None:
         self._fail(error)
 
 
-def materialize(sample: dict[str, Any]) -> dict[str, Any] | None:
-    """A tokenized sample with its lazy ``images`` made into tensors; None where one fails and decode's
-    ``on_error`` skips it (counted in decode's stats), which raises under "raise"."""
+def materialize(sample: dict[str, Any], empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None
+                ) -> dict[str, Any] | None:
+    """A tokenized sample with its lazy ``images`` made into tensors (by ``empty`` where given); None where one
+    fails and decode's ``on_error`` skips it (counted in decode's stats), which raises under "raise"."""
     images = sample.get("images")
     if not images or not any(isinstance(x, LazyTiles) for x in images):
         return sample
@@ -140,7 +145,7 @@ def materialize(sample: dict[str, Any]) -> dict[str, Any] | None:
             made.append(x)
             continue
         try:
-            made.append(x.pixels)
+            made.append(x.make(empty))
         except DecodeError as e:
             x.fail(e)
             return None
@@ -481,9 +486,10 @@ class decode:
         image, draft, max_pixels, rgb, stats = self.image, self.draft, self.max_pixels, self.rgb, self.stats
         where = {k: sample[k] for k in ("__url__", "__key__") if k in sample}
 
-        def make() -> Any:
+        def make(empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None) -> Any:
             try:
-                tiles = image(open_image(value, draft, max_pixels, rgb))
+                im = open_image(value, draft, max_pixels, rgb)
+                tiles = image.tiles(im, empty) if empty is not None and hasattr(image, "tiles") else image(im)
             except Exception as e:
                 raise self._error(where, key, e) from None
             if tiles.grid != grid:  # the tokens were laid out for the header's grid: a mismatch would misalign them

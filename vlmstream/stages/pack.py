@@ -9,7 +9,7 @@ filled bin is carried over to the next buffer instead of being emitted half empt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -115,6 +115,12 @@ class pack:
         self.ready: list[list[dict[str, Any]]] = []  # planned bins, emitted in order
         self._resume: tuple[list, list] | None = None
         self.stats = PackStats(seq_len=seq_len)
+        self.empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None
+
+    def bind(self, ctx: Any) -> None:
+        """Given the shipping memory (a `vs.batch` after it that keeps its rows' tensors, in a DataLoader worker),
+        lazy images are made straight into the segment the batch leaves in: no copy on the way out."""
+        self.empty = ctx.memory.empty if ctx.memory is not None else None
 
     def _plan(self, final: bool) -> None:
         """Move the pending samples into planned bins, keeping the least-filled bin back unless final."""
@@ -134,7 +140,7 @@ class pack:
 
     def _drain(self) -> Iterator[dict[str, Any]]:
         while self.ready:
-            group = [m for m in map(materialize, self.ready.pop(0)) if m is not None]  # lazy tiles made now
+            group = [m for m in (materialize(s, self.empty) for s in self.ready.pop(0)) if m is not None]
             if not group:  # every sample of the bin failed to decode, skipped under decode's on_error
                 continue
             out = concat(group, self.sep_id if self.sep_id is not None else group[0]["__pad_id__"],
