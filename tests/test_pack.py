@@ -1,5 +1,7 @@
 """Packing: the budget maths apart, then the stage on tokenized samples."""
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -70,3 +72,41 @@ def test_the_stage_packs_every_sample_exactly_once_under_both_budgets(items, seq
     for p in out:
         assert len(p["input_ids"]) == len(p["labels"]) == len(p["position_ids"]) <= seq_len
         assert len(p["images"]) <= max_images
+
+
+def _sourced(samples, pulled):
+    for s in samples:
+        pulled.append(s["__key__"])
+        yield s
+
+
+def test_the_first_sequence_comes_after_the_first_plan_not_a_whole_buffer():
+    samples = [fake(f"{i:03d}", 10 + (i * 37) % 90, i % 3) for i in range(200)]
+    for first, most in ((4, 4), (None, 64)):
+        pulled: list[str] = []
+        next(vs.pack(100, buffer=64, first=first)(_sourced(samples, pulled)))
+        assert len(pulled) == most
+    pulled = []
+    stage = vs.pack(256, max_images=5, buffer=64)  # the default: the first plan over 32 samples
+    out = [next(it := stage(_sourced(samples, pulled)))]
+    assert len(pulled) == 32
+    out += list(it)
+    assert sorted(k for p in out for k in p["__keys__"]) == sorted(s["__key__"] for s in samples)
+    assert stage.stats.fill > 0.8
+
+
+def test_a_resumed_pack_keeps_its_place_in_the_ramp():
+    samples = [{**fake(f"{i:03d}", 10 + (i * 37) % 90, i % 3), "__url__": "s.tar", "__offset__": i, "__index__": i}
+               for i in range(200)]
+    by_key = {s["__key__"]: s for s in samples}
+    whole = [p["__keys__"] for p in vs.pack(256, max_images=5, buffer=64, first=4)(iter(samples))]
+    for stop in (1, 3, 6, 12):
+        pulled: list[str] = []
+        stage = vs.pack(256, max_images=5, buffer=64, first=4)
+        it = stage(_sourced(samples, pulled))
+        head = [next(it)["__keys__"] for _ in range(stop)]
+        state = json.loads(json.dumps(stage.state_dict()))
+        fresh = vs.pack(256, max_images=5, buffer=64, first=4)
+        fresh.load_state_dict(state, [by_key[r[3]] for r in state["refs"]])
+        tail = [p["__keys__"] for p in fresh(iter(samples[len(pulled):]))]
+        assert head + tail == whole, stop

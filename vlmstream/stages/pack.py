@@ -97,6 +97,9 @@ class PackStats:
 
 class pack:
     """The stage. ``buffer``: samples considered together (more: fuller sequences, more memory).
+    ``first``: the first plan of a pass is made over this many samples, each next one over twice as many up to
+    ``buffer``, so the first sequence comes after a few samples are read and tokenized, not a whole buffer
+    (``None``: every plan over ``buffer``).
     ``sep_id``: the separator token (default: the tokenizer's pad id carried by each sample).
     ``trailing_sep`` / ``attend_sep``: nanoVLM follows every sample with a pad token its attention mask leaves
     out (``trailing_sep=True, attend_sep=False``); by default samples are joined by one attended separator.
@@ -107,13 +110,16 @@ class pack:
     Its state is the samples waiting to be packed and the bins planned but not yet emitted, as references.
     """
 
-    def __init__(self, seq_len: int, max_images: int | None = None, *, buffer: int = 256, sep_id: int | None = None,
-                 min_fill: float = 0.9, trailing_sep: bool = False, attend_sep: bool = True):
+    def __init__(self, seq_len: int, max_images: int | None = None, *, buffer: int = 256, first: int | None = 32,
+                 sep_id: int | None = None, min_fill: float = 0.9, trailing_sep: bool = False,
+                 attend_sep: bool = True):
         self.seq_len, self.max_images, self.buffer, self.sep_id, self.min_fill = seq_len, max_images, buffer, sep_id, min_fill
+        self.first = min(first, buffer) if first else buffer
+        self.limit = self.first  # samples the next plan waits for
         self.trailing_sep, self.attend_sep = trailing_sep, attend_sep
         self.pending: list[dict[str, Any]] = []  # waiting for a plan (the carried-over bin among them)
         self.ready: list[list[dict[str, Any]]] = []  # planned bins, emitted in order
-        self._resume: tuple[list, list] | None = None
+        self._resume: tuple[list, list, int] | None = None
         self.stats = PackStats(seq_len=seq_len)
         self.empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None
 
@@ -152,7 +158,7 @@ class pack:
 
     def __call__(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         self.stats = PackStats(seq_len=self.seq_len)
-        self.pending, self.ready = self._resume or ([], [])
+        self.pending, self.ready, self.limit = self._resume or ([], [], self.first)
         self._resume = None
         return self._run(it)
 
@@ -160,8 +166,9 @@ class pack:
         yield from self._drain()
         for s in it:
             self.pending.append(s)
-            if len(self.pending) >= self.buffer:
+            if len(self.pending) >= self.limit:
                 self._plan(final=False)
+                self.limit = min(2 * self.limit, self.buffer)
                 yield from self._drain()
         if self.pending:
             self._plan(final=True)
@@ -169,7 +176,8 @@ class pack:
 
     def state_dict(self) -> dict[str, Any]:
         flat = [*self.pending, *(s for b in self.ready for s in b)]
-        return {"pending": len(self.pending), "bins": [len(b) for b in self.ready], **encode_refs(flat)}
+        return {"pending": len(self.pending), "bins": [len(b) for b in self.ready], "limit": self.limit,
+                **encode_refs(flat)}
 
     def load_state_dict(self, state: dict[str, Any], samples: list[Any] | None = None) -> None:
         """`samples`: the samples fetched again from ``state``'s references (pending first, then the bins)."""
@@ -179,4 +187,4 @@ class pack:
         for size in state["bins"]:
             ready.append(rest[:size])
             rest = rest[size:]
-        self._resume = (pending, ready)
+        self._resume = (pending, ready, max(1, min(int(state.get("limit", self.buffer)), self.buffer)))
