@@ -69,7 +69,7 @@ import vlmstream as vs  # noqa: E402
 import vlmstream.core.loader  # noqa: E402,F401  (all modules loaded now: edits to the tree mid-run cannot mix versions)
 from bench.common import (build_vlm_corpus, corpus_arguments, cpu_times, read_all, vlm_shard_paths,  # noqa: E402
                           vlm_tokenizer, write_vlm_parquet)
-from vlmstream.cli.bench import _proc_kb, descendants, machine, machine_line  # noqa: E402
+from vlmstream.cli.bench import _proc_kb, descendants, machine, machine_line, timed_in_forks  # noqa: E402
 from vlmstream.stages.tokenize import ChatTokenizer  # noqa: E402
 
 SEQ_LEN, MAX_IMAGES, BATCH, TILE, MAX_SIDE, RUN = 4096, 18, 8, 512, 2048, 64
@@ -231,23 +231,8 @@ def _limit_worker(images: list[bytes], kind: str, output: str, ready: Any, go: A
 
 def run_limit(spec: dict[str, Any]) -> dict[str, Any]:
     """W forked processes, each timing its share of the images (loaded before the clock starts)."""
-    import multiprocessing as mp
-
     images, w = sample_images(spec["index"], spec["limit_samples"]), spec["workers"]
-    ctx = mp.get_context("fork")
-    ready, done, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_limit_worker, args=(images[i::w], spec["kind"], spec["output"], ready, go, done))
-             for i in range(w)]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        ready.get()
-    t0 = time.perf_counter()
-    go.set()
-    cpus = [done.get() for _ in procs]
-    wall = time.perf_counter() - t0
-    for p in procs:
-        p.join()
+    wall, cpus = timed_in_forks(_limit_worker, [(images[i::w], spec["kind"], spec["output"]) for i in range(w)])
     return {"wall_s": wall, "cpu_s": sum(cpus), "images": len(images),
             "counts": {"samples": spec["limit_samples"], "tiles": None}}
 

@@ -301,9 +301,17 @@ def decode_limit(loads: list[Callable[[], list[bytes]]], transform: Any, draft: 
     The clock starts once every process has its images in memory and stops when the last is done, so the figure
     is the decoding alone, to hold a pipeline's rate against. Returns images, seconds, processes and the CPU
     seconds of the decoding loops."""
+    took, got = timed_in_forks(_limit_worker, [(load, transform, draft) for load in loads])
+    return {"images": sum(g[0] for g in got), "s": took, "processes": len(loads), "cpu_s": sum(g[1] for g in got)}
+
+
+def timed_in_forks(worker: Callable[..., None], args: list[tuple[Any, ...]]) -> tuple[float, list[Any]]:
+    """One forked process per ``args`` item, each running ``worker(*item, ready, go, done)``: it puts to `ready`
+    once its inputs are loaded, waits for `go`, and puts its result to `done`. The clock runs from `go` to the
+    last result, so loading is never timed. Returns the seconds and the results."""
     ctx = mp.get_context("fork")
     ready, done, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_limit_worker, args=(load, transform, draft, ready, go, done)) for load in loads]
+    procs = [ctx.Process(target=worker, args=(*a, ready, go, done)) for a in args]
     for p in procs:
         p.start()
     for _ in procs:
@@ -314,7 +322,7 @@ def decode_limit(loads: list[Callable[[], list[bytes]]], transform: Any, draft: 
     took = time.perf_counter() - t0
     for p in procs:
         p.join()
-    return {"images": sum(g[0] for g in got), "s": took, "processes": len(procs), "cpu_s": sum(g[1] for g in got)}
+    return took, got
 
 
 def run_limit(job: Job) -> dict[str, Any]:
