@@ -32,10 +32,10 @@ import re
 import shutil
 import tempfile
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
 from ..io.hub import parse_hf_url
+from .uploads import Uploads
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
@@ -168,9 +168,7 @@ class HubStaging:
         self.path = path
         self._folder = folder
         self._remote = folder.repo_path(os.path.basename(path))  # provisional paths: never committed
-        self._pool = ThreadPoolExecutor(folder.in_flight, thread_name_prefix="vlmstream-hub-upload")
-        self._slots = threading.Semaphore(folder.in_flight)
-        self._pending: list[Future] = []
+        self._uploads = Uploads(folder.in_flight, "vlmstream-hub-upload")
         self._ops: dict[str, Any] = {}  # staged name -> its CommitOperationAdd, once uploaded
         self._lock = threading.Lock()
 
@@ -178,41 +176,25 @@ class HubStaging:
         return f"HubStaging({self._folder.location!r}, {self.path!r})"
 
     def shard_done(self, path: str, info: Any) -> None:
-        self._raise_failed()
-        self._slots.acquire()  # the writer waits here while in_flight shards are on their way
-        try:
-            self._pending.append(self._pool.submit(self._upload, path, info))
-        except BaseException:
-            self._slots.release()
-            raise
+        self._uploads.submit(self._upload, path, info)  # the writer waits here while in_flight shards are on their way
 
     def _upload(self, path: str, info: Any) -> None:
         from huggingface_hub import CommitOperationAdd
 
-        try:
-            op = CommitOperationAdd(f"{self._remote}/{info.url}", path)
-            op.upload_info.sha256 = bytes.fromhex(info.sha256)  # the writer's digest: no second read of the file
-            self._folder._preupload(op)
-            if op._should_ignore:
-                raise HubWriteError(f"{self._folder.where(info.url)}: the repo's .gitignore ignores this shard, so "
-                                    "no commit would hold it")
-            with self._lock:
-                self._ops[info.url] = op
-            if op._is_uploaded:  # in the LFS store, named by sha256: the commit needs no local copy
-                os.remove(path)
-            # else the Hub takes it as a regular file: its bytes go in the commit, read from this file then
-        finally:
-            self._slots.release()
-
-    def _raise_failed(self) -> None:
-        for f in [f for f in self._pending if f.done()]:
-            self._pending.remove(f)
-            f.result()
+        op = CommitOperationAdd(f"{self._remote}/{info.url}", path)
+        op.upload_info.sha256 = bytes.fromhex(info.sha256)  # the writer's digest: no second read of the file
+        self._folder._preupload(op)
+        if op._should_ignore:
+            raise HubWriteError(f"{self._folder.where(info.url)}: the repo's .gitignore ignores this shard, so "
+                                "no commit would hold it")
+        with self._lock:
+            self._ops[info.url] = op
+        if op._is_uploaded:  # in the LFS store, named by sha256: the commit needs no local copy
+            os.remove(path)
+        # else the Hub takes it as a regular file: its bytes go in the commit, read from this file then
 
     def finish(self) -> None:
-        for f in self._pending:
-            f.result()
-        self._pending = []
+        self._uploads.finish()
 
     def operation(self, staged: str) -> Any:
         """The uploaded shard's CommitOperationAdd (after ``finish``)."""
@@ -221,7 +203,7 @@ class HubStaging:
     def discard(self) -> None:
         """Stop: wait for the uploads on their way (those not started are dropped) and remove the local folder.
         What was uploaded is in no commit: nothing in the repo to remove."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._uploads.stop()
         shutil.rmtree(self.path, ignore_errors=True)
 
 

@@ -31,13 +31,12 @@ import posixpath
 import re
 import shutil
 import tempfile
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Mapping, Protocol, Sequence
 
 from ..errors import redact
 from .format import (MANIFEST_NAME, ShardInfo, job_manifest_name, manifest_json, merge_manifests, pack_id,
                      parse_manifest, rejects_name, shard_name)
+from .uploads import Uploads
 
 
 class PackError(Exception):
@@ -270,38 +269,25 @@ class StoreStaging:
     def __init__(self, path: str, remote: str, stores: Any):
         os.makedirs(path, exist_ok=True)
         self.path, self.remote, self.stores = path, remote, stores
-        self._pool = ThreadPoolExecutor(UPLOADS_IN_FLIGHT, thread_name_prefix="vlmstream-upload")
-        self._pending: list[Future] = []
-        self._slots = threading.Semaphore(UPLOADS_IN_FLIGHT)
+        self._uploads = Uploads(UPLOADS_IN_FLIGHT, "vlmstream-upload")
 
     def shard_done(self, path: str, info: ShardInfo) -> None:
-        self._raise_failed()
-        self._slots.acquire()  # the writer waits here while UPLOADS_IN_FLIGHT shards are on their way
-        self._pending.append(self._pool.submit(self._upload, path, f"{self.remote}/{info.url}"))
+        # the writer waits here while UPLOADS_IN_FLIGHT shards are on their way
+        self._uploads.submit(self._upload, path, f"{self.remote}/{info.url}")
 
     def _upload(self, path: str, url: str) -> None:
         from ..io.store import put_file
 
-        try:
-            put_file(url, path, self.stores)
-            os.remove(path)
-        finally:
-            self._slots.release()
-
-    def _raise_failed(self) -> None:
-        for f in [f for f in self._pending if f.done()]:
-            self._pending.remove(f)
-            f.result()
+        put_file(url, path, self.stores)
+        os.remove(path)
 
     def finish(self) -> None:
-        for f in self._pending:
-            f.result()
-        self._pending = []
+        self._uploads.finish()
 
     def discard(self) -> None:
         from ..io.store import delete, list_objects
 
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._uploads.stop()
         shutil.rmtree(self.path, ignore_errors=True)
         try:
             for url, _, _ in list_objects(self.remote + "/", self.stores):
