@@ -68,6 +68,8 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from servers import request_body
+
 
 @dataclass(frozen=True)
 class Request:
@@ -370,20 +372,6 @@ class HubStandin:
             def _json(self, body: object, status: int = 200, content_type: str = "application/json") -> None:
                 self._reply(status, json.dumps(body).encode(), {"Content-Type": content_type})
 
-            def _body(self) -> bytes:
-                """The request's body, sent with a Content-Length or chunked (a streamed upload)."""
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    chunks = []
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                        if size == 0:
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
-                                pass
-                            return b"".join(chunks)
-                        chunks.append(self.rfile.read(size))
-                        self.rfile.readline()
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
             def do_HEAD(self) -> None:
                 self.do_GET()
 
@@ -395,7 +383,7 @@ class HubStandin:
 
             def _write(self) -> None:
                 try:
-                    body = self._body()  # read in full whatever the answer, so that the connection stays usable
+                    body = request_body(self)  # read in full whatever the answer, so that the connection stays usable
                     if server == "cdn":
                         self._upload(body)
                     else:

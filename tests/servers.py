@@ -185,6 +185,21 @@ def self_signed(folder: str) -> tuple[str, str]:
     return cert, key
 
 
+def request_body(handler: http.server.BaseHTTPRequestHandler) -> bytes:
+    """A request's body, sent with a Content-Length or chunked (a streamed upload), trailers read past."""
+    if "chunked" in handler.headers.get("Transfer-Encoding", "").lower():
+        chunks = []
+        while True:
+            size = int(handler.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while handler.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                    pass
+                return b"".join(chunks)
+            chunks.append(handler.rfile.read(size))
+            handler.rfile.readline()
+    return handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+
+
 def no_sleep(_: float) -> None:
     """A FetchOptions.sleep that records nothing and waits for nothing (tests stay fast)."""
 

@@ -94,7 +94,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from servers import Fault, FaultPlan  # noqa: F401  (Fault: re-exported for the tests that plan faults)
+from servers import Fault, FaultPlan, request_body  # noqa: F401  (Fault: re-exported for the tests that plan faults)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT_S = 60.0  # moto imports for about a second on an idle 2-core machine; much longer under load
@@ -692,19 +692,6 @@ def _proxy_handler(proxy: FaultProxy) -> type:
         def log_message(self, *args) -> None:  # quiet
             pass
 
-        def _read_body(self) -> bytes:
-            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                chunks = []
-                while True:
-                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
-                            pass
-                        return b"".join(chunks)
-                    chunks.append(self.rfile.read(size))
-                    self.rfile.readline()
-            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
         def _range(self) -> str | None:
             return self.headers.get("Range") or self.headers.get("x-ms-range")
 
@@ -736,7 +723,7 @@ def _proxy_handler(proxy: FaultProxy) -> type:
         def _any(self) -> None:
             raw_path, _, query = self.path.partition("?")
             path = urllib.parse.unquote(raw_path)
-            body = self._read_body()
+            body = request_body(self)
             fault = proxy.plan.next(path, self._range()) if self.command == "GET" else None
             if fault and fault.redirect:
                 self._record(path, query, 302, fault)
